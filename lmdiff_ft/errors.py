@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can fix: the CLI prints it as one line and exits 2."""
+
+
+class UserError(Exception):
+    """A bad input (path, file, field, value). The message names it and says what was expected."""

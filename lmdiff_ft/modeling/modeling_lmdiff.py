@@ -1,0 +1,497 @@
+"""LM-Diff: a Llama decoder whose layers add adaptive RMSNorm, differential attention, causal token
+mixing and a squeeze-and-excitation gate. Every step is strictly causal and exact under the cache.
+
+One decoder layer, with x the residual stream, m the padding mask and ρ(v) = v / rms(v) in fp32:
+
+    c  = causal masked mean of ρ(x)                       (running sum + count in the cache)
+    h  = w ⊙ ρ(x) ⊙ (1 + fc_gamma(c))                      adaptive RMSNorm
+    a  = o_proj(A1·v − λ·A2·v)                             differential attention, λ from `diff_lambda`
+    a  = a + causal_depthwise_conv(m ⊙ a)                  token mixing (last K−1 inputs in the cache)
+    x' = x + a
+    y  = mlp(w' ⊙ ρ(x') ⊙ (1 + fc_gamma'(c)))
+    y  = y ⊙ 2·sigmoid(fc2(relu(fc1(causal masked mean of y))))   SE gate (running sum in the cache)
+    out = x' + y
+
+The layout (`.model`, `.lm_head`, `GradientCheckpointingLayer`, `GenerationMixin`) follows
+`modeling_llama.py` so that PEFT, TRL and `generate` treat this model like any transformers LM.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_lmdiff import LmDiffConfig
+
+RunningMean = tuple[torch.Tensor, torch.Tensor]  # (sum [B, D], count [B, 1]) in fp32
+
+
+def lambda_init(layer_idx: int) -> float:
+    """The Differential Transformer's depth schedule for λ (0-based layer index)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """ρ(x) = x / sqrt(mean(x²) + eps), computed and returned in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def causal_masked_mean(
+    values: torch.Tensor, token_mask: torch.Tensor, past: RunningMean | None
+) -> tuple[torch.Tensor, RunningMean]:
+    """Mean over the non-padding positions s ≤ t, for every t, continuing from `past`.
+
+    values [B, T, D] fp32, token_mask [B, T]. Returns the means [B, T, D] and the running (sum, count)
+    after the last position, which is all a cache needs to continue exactly.
+    """
+    mask = token_mask.to(torch.float32).unsqueeze(-1)
+    sums = (values * mask).cumsum(dim=1)
+    counts = mask.cumsum(dim=1)
+    if past is not None:
+        sums = sums + past[0].unsqueeze(1)
+        counts = counts + past[1].unsqueeze(1)
+    return sums / counts.clamp(min=1.0), (sums[:, -1], counts[:, -1])
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+) -> torch.Tensor | None:
+    """Boolean [B, 1, q, k] mask (True = attend), or None when SDPA's own causal flag is enough.
+
+    Each query may always attend to itself: a padding query would otherwise see nothing, and SDPA would
+    return NaN there, which the masked means (0 · NaN) would then spread.
+    """
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding and (past_length == 0 or query_length == 1):
+        return None
+    key_length = past_length + query_length
+    device = attention_mask.device if attention_mask is not None else None
+    key_pos = torch.arange(key_length, device=device)
+    query_pos = torch.arange(past_length, key_length, device=device)
+    allowed = key_pos[None, :] <= query_pos[:, None]
+    if has_padding:
+        if attention_mask.shape[-1] != key_length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {key_length}"
+            )
+        allowed = allowed[None] & attention_mask.bool()[:, None, :]
+        allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None]
+        return allowed[:, None]
+    return allowed[None, None]
+
+
+class LmDiffCacheLayer(DynamicLayer):
+    """One layer's decoding state: keys of both attention branches (stacked on the head axis), values,
+    the token-mixing conv's last K−1 inputs, and the running sums of the context and the SE squeeze."""
+
+    is_croppable = False  # running sums cannot be rewound
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv_state: torch.Tensor | None = None
+        self.context: RunningMean | None = None
+        self.squeeze: RunningMean | None = None
+
+    def _map_states(self, fn) -> None:
+        if self.conv_state is not None:
+            self.conv_state = fn(self.conv_state)
+        if self.context is not None:
+            self.context = (fn(self.context[0]), fn(self.context[1]))
+        if self.squeeze is not None:
+            self.squeeze = (fn(self.squeeze[0]), fn(self.squeeze[1]))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_states(lambda t: t[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.conv_state = self.context = self.squeeze = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LM-Diff's running sums cannot be cropped; re-run the prefill instead")
+
+
+class LmDiffCache(Cache):
+    """The model's cache: one `LmDiffCacheLayer` per decoder layer."""
+
+    def __init__(self, config: LmDiffConfig):
+        super().__init__(layers=[LmDiffCacheLayer() for _ in range(config.num_hidden_layers)])
+
+
+class LmDiffAdaptiveRMSNorm(nn.Module):
+    """h = w ⊙ ρ(x) ⊙ (1 + fc_gamma(c)); without `fc_gamma` it is Llama's RMSNorm, bit for bit."""
+
+    def __init__(self, config: LmDiffConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.variance_epsilon = config.rms_norm_eps
+        self.fc_gamma: nn.Module | None = None
+        if config.use_adaptive_norm:
+            if config.adaptive_norm_rank is None:
+                self.fc_gamma = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+            else:
+                self.fc_gamma = nn.Sequential(
+                    nn.Linear(config.hidden_size, config.adaptive_norm_rank, bias=False),
+                    nn.Linear(config.adaptive_norm_rank, config.hidden_size, bias=True),
+                )
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        normed = rms_normalize(hidden_states, self.variance_epsilon)
+        if self.fc_gamma is not None:
+            gamma = self.fc_gamma(context.to(hidden_states.dtype))
+            normed = normed * (1.0 + gamma.float())
+        return self.weight * normed.to(hidden_states.dtype)
+
+
+class LmDiffLambda(nn.Module):
+    """The four λ vectors of one layer, in a module of their own so adapters can train them by name:
+    λ = exp(⟨λ_q1, λ_k1⟩) − exp(⟨λ_q2, λ_k2⟩) + λ_base, a scalar computed once per layer and step."""
+
+    def __init__(self, config: LmDiffConfig, layer_idx: int):
+        super().__init__()
+        self.lambda_q1 = nn.Parameter(torch.zeros(config.head_dim))
+        self.lambda_k1 = nn.Parameter(torch.zeros(config.head_dim))
+        self.lambda_q2 = nn.Parameter(torch.zeros(config.head_dim))
+        self.lambda_k2 = nn.Parameter(torch.zeros(config.head_dim))
+        self.lambda_base = lambda_init(layer_idx) if config.lambda_base is None else config.lambda_base
+
+    def forward(self) -> torch.Tensor:
+        first = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
+        second = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
+        return first - second + self.lambda_base
+
+
+class LmDiffAttention(nn.Module):
+    """Differential attention: A1·v − λ·A2·v, both softmax maps in one SDPA call by stacking the heads
+    of the two branches (queries [q1; q2], keys [k1; k2], values [v; v]), with GQA as in Llama."""
+
+    def __init__(self, config: LmDiffConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        hidden, bias = config.hidden_size, config.attention_bias
+
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+        self.use_diff_attn = config.use_diff_attn
+        if self.use_diff_attn:
+            self.q2_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+            self.k2_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+            self.diff_lambda = LmDiffLambda(config, layer_idx)
+            self.subln = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.use_subln else None
+            self.subln_scale = 1.0 - lambda_init(layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: LmDiffCacheLayer | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+
+        def heads(proj: nn.Linear) -> torch.Tensor:
+            return proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        query, key, value = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        if self.use_diff_attn:
+            query = torch.cat([query, heads(self.q2_proj)], dim=1)  # [B, 2H, T, d]
+            key = torch.cat([key, heads(self.k2_proj)], dim=1)  # [B, 2Hkv, T, d]
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value)
+        if self.use_diff_attn:
+            value = torch.cat([value, value], dim=1)
+
+        output = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=attention_mask is None and length > 1,
+            scale=self.scaling,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, heads, T, d]
+
+        if self.use_diff_attn:
+            first, second = output.chunk(2, dim=1)
+            output = first - self.diff_lambda().to(first.dtype) * second
+            if self.subln is not None:
+                output = self.subln_scale * self.subln(output)
+        output = output.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(output)
+
+
+class LmDiffTokenMixing(nn.Module):
+    """u = a + causal_depthwise_conv(m ⊙ a): a K-tap depthwise conv that only looks back (left padding,
+    or the cached last K−1 inputs while decoding)."""
+
+    def __init__(self, config: LmDiffConfig):
+        super().__init__()
+        self.kernel_size = config.conv_kernel_size
+        hidden = config.hidden_size
+        self.conv = nn.Conv1d(hidden, hidden, self.kernel_size, groups=hidden, bias=True)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor, cache: LmDiffCacheLayer | None = None
+    ) -> torch.Tensor:
+        batch, length, hidden = hidden_states.shape
+        inputs = (hidden_states * token_mask.unsqueeze(-1).to(hidden_states.dtype)).transpose(1, 2)  # [B, D, T]
+        if cache is not None and cache.conv_state is not None:
+            history = cache.conv_state
+        else:
+            history = inputs.new_zeros(batch, hidden, self.kernel_size - 1)
+        inputs = torch.cat([history, inputs], dim=2)
+        if cache is not None:
+            cache.conv_state = inputs[:, :, inputs.shape[2] - (self.kernel_size - 1) :]
+        return hidden_states + self.conv(inputs).transpose(1, 2)
+
+
+class LmDiffSEGate(nn.Module):
+    """y' = y ⊙ 2·sigmoid(fc2(relu(fc1(s)))), s the causal masked mean of y: a channel gate that, unlike a
+    whole-sequence squeeze, never lets a token see the future and is the same while decoding."""
+
+    def __init__(self, config: LmDiffConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.se_hidden_size, bias=True)
+        self.fc2 = nn.Linear(config.se_hidden_size, config.hidden_size, bias=True)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor, cache: LmDiffCacheLayer | None = None
+    ) -> torch.Tensor:
+        squeeze, running = causal_masked_mean(
+            hidden_states.float(), token_mask, cache.squeeze if cache is not None else None
+        )
+        if cache is not None:
+            cache.squeeze = running
+        gate = 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(squeeze.to(hidden_states.dtype)))))
+        return hidden_states * gate.to(hidden_states.dtype)
+
+
+class LmDiffDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: LmDiffConfig, layer_idx: int):
+        super().__init__()
+        self.variance_epsilon = config.rms_norm_eps
+        self.use_adaptive_norm = config.use_adaptive_norm
+        self.input_layernorm = LmDiffAdaptiveRMSNorm(config)
+        self.self_attn = LmDiffAttention(config, layer_idx)
+        self.token_mixing = LmDiffTokenMixing(config) if config.use_token_mixing else None
+        self.post_attention_layernorm = LmDiffAdaptiveRMSNorm(config)
+        self.mlp = LlamaMLP(config)
+        self.se_gate = LmDiffSEGate(config) if config.use_se_gate else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        cache: LmDiffCacheLayer | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        context = None
+        if self.use_adaptive_norm:
+            normed = rms_normalize(hidden_states, self.variance_epsilon)
+            context, running = causal_masked_mean(normed, token_mask, cache.context if cache is not None else None)
+            if cache is not None:
+                cache.context = running
+
+        attended = self.self_attn(
+            self.input_layernorm(hidden_states, context), position_embeddings, attention_mask, cache
+        )
+        if self.token_mixing is not None:
+            attended = self.token_mixing(attended, token_mask, cache)
+        hidden_states = hidden_states + attended
+
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states, context))
+        if self.se_gate is not None:
+            mlp_out = self.se_gate(mlp_out, token_mask, cache)
+        return hidden_states + mlp_out
+
+
+class LmDiffPreTrainedModel(PreTrainedModel):
+    config: LmDiffConfig
+    config_class = LmDiffConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LmDiffDecoderLayer"]
+    _keep_in_fp32_modules = ["diff_lambda"]
+    _supports_sdpa = True
+    _is_stateful = True  # the running sums cannot be rewound, so no assisted decoding
+    _can_record_outputs = {"hidden_states": LmDiffDecoderLayer}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's init, plus the LM-Diff parts at their neutral point: adaptive norm off (fc_gamma = 0),
+        token mixing off (conv = 0), SE gate = 1 (fc2 = 0). λ vectors are small random vectors."""
+        super()._init_weights(module)
+        if isinstance(module, LmDiffLambda):
+            for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                init.normal_(vector, mean=0.0, std=self.config.lambda_init_std)
+        elif isinstance(module, LmDiffAdaptiveRMSNorm):
+            init.ones_(module.weight)
+            if module.fc_gamma is not None:
+                last = module.fc_gamma if isinstance(module.fc_gamma, nn.Linear) else module.fc_gamma[-1]
+                init.zeros_(last.weight)
+                init.zeros_(last.bias)
+        elif isinstance(module, LmDiffTokenMixing):
+            init.zeros_(module.conv.weight)
+            init.zeros_(module.conv.bias)
+        elif isinstance(module, LmDiffSEGate):
+            init.zeros_(module.fc2.weight)
+            init.zeros_(module.fc2.bias)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own `LmDiffCache` on the first forward with use_cache
+
+
+class LmDiffModel(LmDiffPreTrainedModel):
+    def __init__(self, config: LmDiffConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([LmDiffDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = LmDiffCache(self.config)
+        if cache is not None and not isinstance(cache, LmDiffCache):
+            raise TypeError(f"LM-Diff needs an LmDiffCache, got {type(cache).__name__}")
+
+        batch, length = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("LM-Diff takes a 2-D padding mask [batch, past + new tokens]")
+        if attention_mask is None:
+            token_mask = inputs_embeds.new_ones(batch, length)
+        else:
+            token_mask = attention_mask[:, -length:].to(inputs_embeds.dtype)
+        causal_mask = build_attention_mask(attention_mask, length, past_length)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for i, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                token_mask=token_mask,
+                cache=cache.layers[i] if cache is not None else None,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class LmDiffForCausalLM(LmDiffPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LmDiffConfig):
+        super().__init__(config)
+        self.model = LmDiffModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = [
+    "LmDiffCache",
+    "LmDiffForCausalLM",
+    "LmDiffModel",
+    "LmDiffPreTrainedModel",
+    "build_attention_mask",
+    "causal_masked_mean",
+    "lambda_init",
+]

@@ -1,0 +1,49 @@
+"""Shared tiny models. Everything is fp32 and a few hundred thousand parameters."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lmdiff_ft  # noqa: F401  (registers the lmdiff model type)
+from lmdiff_ft.convert import is_lmdiff_only
+from lmdiff_ft.modeling import LmDiffConfig, LmDiffForCausalLM
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_lmdiff_config(**overrides) -> LmDiffConfig:
+    return LmDiffConfig(**{**TINY, "se_reduction": 4, **overrides})
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+@torch.no_grad()
+def randomize_lmdiff_parameters(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Move every LM-Diff-only parameter away from its neutral init, so tests exercise the real paths."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if is_lmdiff_only(name):
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+@pytest.fixture
+def random_lmdiff() -> LmDiffForCausalLM:
+    """An LM-Diff with every component on and every new parameter random (incl. subln, low-rank off)."""
+    torch.manual_seed(0)
+    model = LmDiffForCausalLM(tiny_lmdiff_config()).eval()
+    randomize_lmdiff_parameters(model)
+    return model

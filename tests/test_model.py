@@ -1,0 +1,207 @@
+"""The architecture guarantees of README "Architecture": Llama equivalence, causality, cache exactness."""
+
+import pytest
+import torch
+from conftest import TINY, randomize_lmdiff_parameters, tiny_llama, tiny_lmdiff_config
+from transformers import AutoModelForCausalLM
+
+from lmdiff_ft.convert import convert_llama_model, is_lmdiff_only
+from lmdiff_ft.modeling import LmDiffCache, LmDiffForCausalLM
+
+
+def padded_batch(seed: int = 0, length: int = 12):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, TINY["vocab_size"], (3, length), generator=generator)
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    mask[2, :1] = 0
+    tokens[mask == 0] = TINY["pad_token_id"]
+    return tokens, mask
+
+
+@torch.no_grad()
+def test_all_components_off_is_llama():
+    llama = tiny_llama()
+    config = tiny_lmdiff_config(use_diff_attn=False, use_adaptive_norm=False, use_token_mixing=False, use_se_gate=False)
+    model = LmDiffForCausalLM(config).eval()
+    model.load_state_dict(llama.state_dict(), strict=True)
+    tokens, mask = padded_batch()
+    expected = llama(tokens, attention_mask=mask).logits
+    got = model(tokens, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (expected - got)[valid].abs().max().item() <= 1e-6
+
+
+@torch.no_grad()
+def test_conversion_preserves_logits():
+    llama = tiny_llama()
+    model = convert_llama_model(llama).eval()
+    tokens, mask = padded_batch()
+    diff = llama(tokens, attention_mask=mask).logits - model(tokens, attention_mask=mask).logits
+    assert diff[mask.bool()].abs().max().item() <= 1e-5
+    # λ ≡ 0 exactly at conversion, but it is not a constant: the vectors are random.
+    lam = model.model.layers[0].self_attn.diff_lambda
+    assert lam().item() == 0.0
+    assert lam.lambda_q1.abs().sum() > 0
+
+
+def new_parameters_without_gradient(model, tokens, mask) -> set[str]:
+    model.zero_grad()
+    model(tokens, attention_mask=mask, labels=tokens).loss.backward()
+    new = {n: p for n, p in model.named_parameters() if is_lmdiff_only(n)}
+    return {n for n, p in new.items() if p.grad is None or p.grad.abs().sum() == 0}
+
+
+def test_every_new_parameter_gets_a_gradient_after_conversion():
+    model = convert_llama_model(tiny_llama()).train()
+    tokens, mask = padded_batch()
+    names = [n for n, _ in model.named_parameters() if is_lmdiff_only(n)]
+    kinds = [
+        "q2_proj",
+        "k2_proj",
+        "lambda_q1",
+        "lambda_k1",
+        "lambda_q2",
+        "lambda_k2",
+        "fc_gamma",
+        "conv",
+        "se_gate.fc1",
+        "se_gate.fc2",
+    ]
+    assert all(any(k in n for n in names) for k in kinds)
+
+    # Step 0: λ, fc_gamma, conv and SE fc2 have gradients. q2/k2 only act through λ·A2·v and SE fc1 only
+    # through fc2, and both multipliers are exactly 0 for the model to equal Llama, so their gradient is
+    # exactly 0 at step 0, as LoRA's A is behind B = 0 (README, "Conversion").
+    zero_at_init = new_parameters_without_gradient(model, tokens, mask)
+    assert zero_at_init and all(any(k in n for k in ("q2_proj", "k2_proj", "se_gate.fc1")) for n in zero_at_init)
+
+    # One optimizer step moves λ and fc2 off zero, and from then on every new parameter learns.
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert new_parameters_without_gradient(model, tokens, mask) == set()
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@torch.no_grad()
+def test_causality_with_random_new_parameters(random_lmdiff, padding):
+    tokens, mask = padded_batch(length=16)
+    if not padding:
+        mask = torch.ones_like(mask)
+    t = 9
+    changed = tokens.clone()
+    changed[:, t:] = torch.randint(3, TINY["vocab_size"], changed[:, t:].shape)
+    before = random_lmdiff(tokens, attention_mask=mask).logits[:, :t]
+    after = random_lmdiff(changed, attention_mask=mask).logits[:, :t]
+    assert torch.equal(before, after) or (before - after).abs().max().item() < 1e-6
+    # ...and the future does matter where it should
+    assert (
+        random_lmdiff(changed, attention_mask=mask).logits[:, t:]
+        - random_lmdiff(tokens, attention_mask=mask).logits[:, t:]
+    ).abs().max() > 1e-3
+
+
+def decode_in_chunks(model, tokens, mask, chunk_sizes):
+    cache = LmDiffCache(model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, start = [], 0
+    for size in chunk_sizes:
+        end = start + size
+        out = model(
+            tokens[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache=cache,
+            use_cache=True,
+        )
+        logits.append(out.logits)
+        cache = out.cache
+        start = end
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("chunks", [[12, 1, 1, 1, 1], [1] * 16, [5, 3, 7, 1], [16]])
+@torch.no_grad()
+def test_cache_matches_full_forward(random_lmdiff, chunks):
+    tokens, mask = padded_batch(length=16)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = random_lmdiff(tokens, attention_mask=mask, position_ids=positions).logits
+    cached = decode_in_chunks(random_lmdiff, tokens, mask, chunks)
+    assert (full - cached)[mask.bool()].abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_generate_with_and_without_cache_agree(random_lmdiff):
+    tokens, mask = padded_batch(length=10)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = random_lmdiff.generate(tokens, use_cache=True, **kwargs)
+    without = random_lmdiff.generate(tokens, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+
+
+@torch.no_grad()
+def test_beam_search_reorders_every_state(random_lmdiff):
+    tokens, mask = padded_batch(length=10)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, early_stopping=True
+    )
+    with_cache = random_lmdiff.generate(tokens, use_cache=True, **kwargs)
+    without = random_lmdiff.generate(tokens, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+
+
+@torch.no_grad()
+def test_sampling_is_seeded(random_lmdiff):
+    tokens, mask = padded_batch(length=6)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(
+            random_lmdiff.generate(
+                tokens,
+                attention_mask=mask,
+                max_new_tokens=6,
+                do_sample=True,
+                top_p=0.9,
+                temperature=0.8,
+                pad_token_id=0,
+            )
+        )
+    assert torch.equal(runs[0], runs[1])
+
+
+@torch.no_grad()
+def test_save_load_round_trip(random_lmdiff, tmp_path):
+    random_lmdiff.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LmDiffForCausalLM
+    tokens, mask = padded_batch()
+    assert torch.equal(random_lmdiff(tokens, attention_mask=mask).logits, loaded(tokens, attention_mask=mask).logits)
+
+
+@torch.no_grad()
+def test_low_rank_adaptive_norm_and_kernel_size_are_honoured():
+    model = LmDiffForCausalLM(tiny_lmdiff_config(adaptive_norm_rank=8, conv_kernel_size=5)).eval()
+    randomize_lmdiff_parameters(model)
+    norm = model.model.layers[0].input_layernorm.fc_gamma
+    assert norm[0].weight.shape == (8, TINY["hidden_size"])
+    assert model.model.layers[0].token_mixing.conv.weight.shape[-1] == 5
+    tokens, mask = padded_batch(length=16)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(tokens, attention_mask=mask, position_ids=positions).logits
+    assert (full - decode_in_chunks(model, tokens, mask, [4] * 4))[mask.bool()].abs().max() <= 1e-4
+
+
+def test_gradient_checkpointing_matches(random_lmdiff):
+    tokens, mask = padded_batch()
+    random_lmdiff.train()
+    plain = random_lmdiff(tokens, attention_mask=mask, labels=tokens).loss
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in random_lmdiff.named_parameters() if p.grad is not None}
+    random_lmdiff.zero_grad()
+    random_lmdiff.gradient_checkpointing_enable()
+    checkpointed = random_lmdiff(tokens, attention_mask=mask, labels=tokens).loss
+    checkpointed.backward()
+    assert torch.allclose(plain, checkpointed)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, dict(random_lmdiff.named_parameters())[name].grad, atol=1e-6), name
