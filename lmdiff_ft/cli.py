@@ -23,6 +23,21 @@ def cmd_tiny_base(args: argparse.Namespace) -> None:
     print(f"wrote tiny {'Llama-converted ' if args.from_llama else ''}LM-Diff base to {out}")
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .adapters import parse_layers
+    from .inspection import inspect_base, print_report
+
+    presets = [p for p in args.targets.split(",") if p]
+    print_report(inspect_base(args.base, presets, parse_layers(args.layers), args.quantization, args.r))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .merge import merge_adapter
+
+    diff = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype)
+    print(f"wrote {args.out}: merged logits vs base+adapter max |Δ| {diff:.3g}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdiff-ft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--from-llama", action="store_true", help="build a tiny Llama and convert it")
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(handler=cmd_tiny_base)
+
+    inspect = commands.add_parser("inspect", help="trainable parameters per preset and the base's memory footprint")
+    inspect.add_argument("base", help="'tiny', an LM-Diff checkpoint directory or a Hub id")
+    inspect.add_argument("--targets", default="diff_attn,lambda,se_gate", help="comma-separated presets")
+    inspect.add_argument("--layers", help="layer selection, e.g. 12-21 or 0,2,5-7")
+    inspect.add_argument("--quantization", default="auto", choices=["auto", "nf4", "fp4", "int8", "none"])
+    inspect.add_argument("-r", type=int, default=16, help="LoRA rank")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    merge = commands.add_parser("merge", help="merge an adapter into a full-precision copy of its base")
+    merge.add_argument("base")
+    merge.add_argument("adapter")
+    merge.add_argument("out")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.set_defaults(handler=cmd_merge)
     return parser
 
 

@@ -155,16 +155,18 @@ def load_llama_config(directory: Path) -> LlamaConfig:
 
 
 @torch.no_grad()
-def max_logit_difference(reference, candidate, vocab_size: int, seed: int = 0) -> float:
-    """Max |Δlogits| on a probe batch: random tokens, one row left-padded so masking is covered too."""
+def probe_logits(model: torch.nn.Module, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """Logits at the real positions of a probe batch: random tokens, one row left-padded so masking counts."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (2, 24), generator=generator)
     mask = torch.ones_like(tokens)
     mask[1, :5] = 0
-    ref = reference(input_ids=tokens, attention_mask=mask).logits.float()
-    out = candidate(input_ids=tokens, attention_mask=mask).logits.float()
-    valid = mask.bool()
-    return (ref - out).abs()[valid].max().item()
+    logits = model(input_ids=tokens.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+    return logits[mask.bool()]
+
+
+def max_logit_difference(reference: torch.nn.Module, candidate: torch.nn.Module, vocab_size: int) -> float:
+    return (probe_logits(reference, vocab_size) - probe_logits(candidate, vocab_size)).abs().max().item()
 
 
 def convert_checkpoint(

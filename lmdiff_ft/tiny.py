@@ -25,7 +25,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", *ROLE_TOKENS]
 
 TINY_DIMS = {
     "hidden_size": 256,
-    "intermediate_size": 688,
+    "intermediate_size": 704,
     "num_hidden_layers": 4,
     "num_attention_heads": 8,
     "num_key_value_heads": 4,

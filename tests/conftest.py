@@ -47,3 +47,16 @@ def random_lmdiff() -> LmDiffForCausalLM:
     model = LmDiffForCausalLM(tiny_lmdiff_config()).eval()
     randomize_lmdiff_parameters(model)
     return model
+
+
+TINY_BASE_DIMS = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_path(tmp_path_factory):
+    """A tiny LM-Diff checkpoint + tokenizer on disk, as `lmdiff-ft tiny-base` writes it."""
+    from lmdiff_ft.tiny import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny", seed=0, vocab_size=512, **TINY_BASE_DIMS)

@@ -1,0 +1,186 @@
+"""Base model + tokenizer loading: one function for every command, with the quantization and dtype rules.
+
+Quantization goes through transformers' `BitsAndBytesConfig`. Only the big projections are quantized;
+the small, sensitive tensors stay in full precision: λ vectors, norms and the token-mixing conv are not
+`nn.Linear` and are never touched, biases stay in the compute dtype, and the SE gate (two small linears,
+often starting at exactly zero) and `lm_head` are skipped explicitly.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from .chat_template import CHAT_TEMPLATE
+from .errors import UserError
+from .modeling import LmDiffConfig
+
+QUANTIZATIONS = ("auto", "nf4", "fp4", "int8", "none")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NOT_QUANTIZED = ["lm_head", r".*\.se_gate"]  # patterns in transformers' `llm_int8_skip_modules` syntax
+
+
+@dataclass
+class LoadedBase:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+    quantization: str
+    dtype: torch.dtype
+    fingerprint: str
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"base {self.path} | quantization {self.quantization} | compute dtype {dtype} | device {self.model.device}"
+        )
+
+
+def default_device() -> torch.device:
+    """This process's device: its local rank's GPU under `accelerate launch`, else cuda:0, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # an import-time failure of its native library counts as "not here"
+        return False
+    return True
+
+
+def choose_quantization(requested: str) -> str:
+    if requested not in QUANTIZATIONS:
+        raise UserError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
+    if requested == "auto":
+        return "nf4" if bitsandbytes_available() else "none"
+    if requested != "none" and not bitsandbytes_available():
+        raise UserError(f"quantization: {requested} needs bitsandbytes, which does not import here (use 'none')")
+    return requested
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 autocast is ~20x slower there), bf16 on GPUs that have it, else fp16."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise UserError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {requested!r}")
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=NOT_QUANTIZED,
+    )
+
+
+def resolve_base_path(base: str, seed: int = 0) -> Path:
+    """`tiny` → the locally built tiny base; a directory → itself; `org/name` → a Hub snapshot."""
+    if base == "tiny":
+        from .tiny import tiny_base_dir
+
+        return tiny_base_dir(seed)
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"base: {base} has no config.json (expected a model checkpoint directory)")
+        return path
+    if base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise UserError(f"base: {base}: no such directory (expected 'tiny', a checkpoint directory or a Hub id)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        allow = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(base, allow_patterns=allow))
+    except Exception as exc:  # offline, unknown repo, auth: the user's to fix
+        raise UserError(f"base: {base}: not a local directory and not downloadable ({exc.__class__.__name__})") from exc
+
+
+def converted_llama_dir(llama_dir: Path) -> Path:
+    """Convert a Llama checkpoint once and keep it in the cache, keyed by the source's fingerprint."""
+    from .convert import convert_checkpoint
+
+    root = Path(os.environ.get("LMDIFF_FT_CACHE", Path.home() / ".cache" / "lmdiff-ft")) / "converted"
+    out = root / f"{llama_dir.name}-{checkpoint_fingerprint(llama_dir)}"
+    if not (out / "config.json").exists():
+        print(f"converting Llama checkpoint {llama_dir} -> {out}")
+        convert_checkpoint(str(llama_dir), out)
+    return out
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """A short hash of a checkpoint's config and weights, cheap even for GBs: every safetensors header plus
+    64 KiB samples at 16 evenly spaced offsets of each file. Two different trainings never collide."""
+    digest = hashlib.sha256()
+    config = json.loads((directory / "config.json").read_text())
+    for key in sorted(config):
+        if key not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+            digest.update(f"{key}={config[key]}".encode())
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_length))
+            for i in range(16):
+                f.seek(8 + header_length + (size - 8 - header_length) * i // 16)
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:16]
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_base(
+    base: str,
+    quantization: str = "auto",
+    dtype: str = "auto",
+    convert_from_llama: bool = False,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> LoadedBase:
+    """Load an LM-Diff base (quantized as asked) and its tokenizer. Used by every command."""
+    path = resolve_base_path(base, seed)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type == "llama":
+        if not convert_from_llama:
+            raise UserError(
+                f"base: {base} is a Llama checkpoint; set `base: {{path: {base}, convert_from_llama: true}}` "
+                "or run `lmdiff-ft convert` first"
+            )
+        path = converted_llama_dir(path)
+    elif model_type != LmDiffConfig.model_type:
+        raise UserError(f"base: {base} has model_type {model_type!r}, expected 'lmdiff' (or 'llama' to convert)")
+
+    device = device or default_device()
+    chosen = choose_quantization(quantization)
+    compute_dtype = choose_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=compute_dtype,
+        quantization_config=quantization_config(chosen, compute_dtype),
+        device_map={"": device},
+    )
+    return LoadedBase(model, load_tokenizer(path), path, chosen, compute_dtype, checkpoint_fingerprint(path))

@@ -1,0 +1,180 @@
+"""Quantized bases, adapter presets, PEFT interoperability, base mismatch errors and merging."""
+
+import pytest
+import torch
+from conftest import TINY_BASE_DIMS
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from lmdiff_ft.adapters import (
+    attach_adapters,
+    base_info,
+    load_adapter,
+    parse_layers,
+    resolve_targets,
+    write_base_info,
+)
+from lmdiff_ft.cli import main
+from lmdiff_ft.convert import probe_logits
+from lmdiff_ft.errors import UserError
+from lmdiff_ft.loading import load_base
+from lmdiff_ft.tiny import build_tiny_base
+
+FULL_PRECISION_KINDS = ("diff_lambda", "layernorm.weight", "token_mixing.conv", "se_gate", "subln")
+
+
+def batch(vocab_size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab_size, (4, 20), generator=torch.Generator().manual_seed(seed))
+
+
+def train_steps(model, tokens, steps: int = 20, lr: float = 5e-3) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def save_adapter(model, loaded, directory):
+    model.save_pretrained(directory)
+    write_base_info(directory, base_info(model.get_base_model(), loaded.path, loaded.fingerprint))
+
+
+@pytest.mark.parametrize("quantization, linear_class", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_load_keeps_sensitive_tensors_full_precision(tiny_base_path, quantization, linear_class):
+    loaded = load_base(str(tiny_base_path), quantization=quantization)
+    layer = loaded.model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == linear_class
+    assert type(layer.input_layernorm.fc_gamma).__name__ == linear_class
+    for name, param in loaded.model.named_parameters():
+        if any(kind in name for kind in FULL_PRECISION_KINDS) or name.endswith("bias"):
+            assert param.dtype == torch.float32, name
+    assert type(layer.se_gate.fc1) is torch.nn.Linear
+
+
+def test_qlora_training_moves_lambda_and_se_and_leaves_the_base_frozen(tiny_base_path, tmp_path):
+    loaded = load_base(str(tiny_base_path), quantization="nf4")
+    frozen_before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    model = attach_adapters(loaded.model, r=8, alpha=16, dropout=0.0, gradient_checkpointing=True)
+    tokens = batch(loaded.model.config.vocab_size)
+    losses = train_steps(model, tokens)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    wrapped = {
+        n.replace(".base_layer", "").replace(".original_module", ""): p
+        for n, p in model.get_base_model().named_parameters()
+        if "lora_" not in n and "modules_to_save" not in n
+    }
+    assert wrapped.keys() == frozen_before.keys()
+    for name, before in frozen_before.items():
+        assert torch.equal(before, wrapped[name]), f"frozen base weight {name} changed"
+    trained_lambda = model.get_base_model().model.layers[0].self_attn.diff_lambda.modules_to_save["default"]
+    assert not torch.equal(trained_lambda.lambda_q1, frozen_before["model.layers.0.self_attn.diff_lambda.lambda_q1"])
+
+    save_adapter(model, loaded, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        saved_lambda = f.get_tensor("base_model.model.model.layers.0.self_attn.diff_lambda.lambda_q1")
+        se_b = f.get_tensor("base_model.model.model.layers.0.se_gate.fc2.lora_B.weight")
+    assert torch.equal(saved_lambda, trained_lambda.lambda_q1.detach())
+    assert se_b.abs().sum() > 0  # LoRA B starts at zero: non-zero means it trained
+    assert any("q2_proj.lora_A" in k for k in keys)
+
+
+@torch.no_grad()
+def test_adapter_round_trip_through_plain_peft(tiny_base_path, tmp_path):
+    loaded = load_base(str(tiny_base_path), quantization="none")
+    model = attach_adapters(loaded.model, r=4, alpha=8, dropout=0.0)
+    with torch.enable_grad():
+        train_steps(model, batch(loaded.model.config.vocab_size), steps=3)
+    model.eval()
+    save_adapter(model, loaded, tmp_path / "adapter")
+    expected = probe_logits(model, loaded.model.config.vocab_size)
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_path), tmp_path / "adapter")
+    assert torch.equal(probe_logits(plain.eval(), loaded.model.config.vocab_size), expected)
+
+    # merge: a standalone checkpoint that computes base + adapter
+    assert main(["merge", str(tiny_base_path), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (probe_logits(merged, loaded.model.config.vocab_size) - expected).abs().max() <= 1e-4
+    trained = model.get_base_model().model.layers[1].self_attn.diff_lambda.modules_to_save["default"].lambda_k2
+    assert torch.equal(merged.model.layers[1].self_attn.diff_lambda.lambda_k2, trained)
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_base_path, tmp_path_factory):
+    loaded = load_base(str(tiny_base_path), quantization="none")
+    model = attach_adapters(loaded.model, r=4, alpha=8)
+    directory = tmp_path_factory.mktemp("adapters") / "a"
+    save_adapter(model, loaded, directory)
+    return directory
+
+
+def test_adapter_on_a_base_with_other_dims_is_refused(trained_adapter, tmp_path):
+    other = build_tiny_base(tmp_path / "wide", vocab_size=512, **{**TINY_BASE_DIMS, "hidden_size": 128})
+    loaded = load_base(str(other), quantization="none")
+    with pytest.raises(UserError, match="hidden_size=64.*this base has hidden_size=128"):
+        load_adapter(loaded.model, trained_adapter, loaded.fingerprint)
+
+
+def test_adapter_on_a_same_shaped_other_base_is_refused(trained_adapter, tmp_path):
+    other = build_tiny_base(tmp_path / "seed1", seed=1, vocab_size=512, **TINY_BASE_DIMS)
+    loaded = load_base(str(other), quantization="none")
+    with pytest.raises(UserError, match="fingerprint"):
+        load_adapter(loaded.model, trained_adapter, loaded.fingerprint)
+
+
+def test_foreign_adapter_without_base_info_gets_a_shape_error(trained_adapter, tmp_path):
+    other = build_tiny_base(tmp_path / "deep", vocab_size=512, **{**TINY_BASE_DIMS, "num_hidden_layers": 1})
+    (trained_adapter / "lmdiff_base.json").rename(tmp_path / "moved.json")
+    try:
+        loaded = load_base(str(other), quantization="none")
+        with pytest.raises(UserError, match="layers.1.*which this base does not have"):
+            load_adapter(loaded.model, trained_adapter, loaded.fingerprint)
+    finally:
+        (tmp_path / "moved.json").rename(trained_adapter / "lmdiff_base.json")
+
+
+def test_presets_resolve_to_explicit_modules(tiny_base_path):
+    model = load_base(str(tiny_base_path), quantization="none").model
+    targets = resolve_targets(model, ["diff_attn", "lambda", "se_gate", "token_mixing"], layers=[1])
+    assert "model.layers.1.self_attn.q2_proj" in targets.lora
+    assert all(".layers.1." in name for name in targets.lora + targets.saved)
+    assert targets.saved == ["model.layers.1.self_attn.diff_lambda", "model.layers.1.token_mixing"]
+    with pytest.raises(UserError, match="unknown preset 'se_gates'.*did you mean 'se_gate'"):
+        resolve_targets(model, ["se_gates"])
+    with pytest.raises(UserError, match="outside this base's layers 0-1"):
+        resolve_targets(model, ["diff_attn"], layers=[5])
+
+
+def test_a_preset_that_matches_nothing_is_an_error(tmp_path):
+    base = build_tiny_base(tmp_path / "no-se", vocab_size=512, use_se_gate=False, **TINY_BASE_DIMS)
+    model = load_base(str(base), quantization="none").model
+    with pytest.raises(UserError, match="'se_gate' matches no module"):
+        resolve_targets(model, ["diff_attn", "se_gate"])
+
+
+def test_inspect_prints_the_tables(tiny_base_path, capsys):
+    assert main(["inspect", str(tiny_base_path), "--quantization", "nf4", "--layers", "0-1"]) == 0
+    out = capsys.readouterr().out
+    assert "per preset" in out and "self_attn.diff_lambda" in out and "memory footprint" in out
+
+
+@pytest.mark.parametrize(
+    "spec, expected", [("12-14", [12, 13, 14]), ("0,2,5-6", [0, 2, 5, 6]), (3, [3]), ([2, 0, 2], [0, 2]), (None, None)]
+)
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["1-", "a", "5-2", "1,,2"])
+def test_parse_layers_rejects(spec):
+    with pytest.raises(UserError, match="adapter.layers"):
+        parse_layers(spec)
