@@ -67,22 +67,6 @@ class AdapterTargets:
     by_preset: dict[str, list[str]] = field(default_factory=dict)
 
 
-def parse_layers(spec: str | int | list[int] | None) -> list[int] | None:
-    """'12-21', '0,2,5-7', 3 or [0, 2] -> sorted layer indices; None means every layer."""
-    if spec is None or isinstance(spec, list):
-        return sorted(set(spec)) if spec is not None else None
-    layers: set[int] = set()
-    for part in str(spec).replace(" ", "").split(","):
-        bounds = part.split("-")
-        if not part or len(bounds) > 2 or not all(b.isdigit() for b in bounds):
-            raise UserError(f"adapter.layers: expected a list like '12-21' or '0,2,5-7', got {spec!r}")
-        start, end = int(bounds[0]), int(bounds[-1])
-        if end < start:
-            raise UserError(f"adapter.layers: range {part!r} runs backwards")
-        layers.update(range(start, end + 1))
-    return sorted(layers)
-
-
 def layer_index(module_name: str) -> int | None:
     match = re.search(r"\blayers\.(\d+)\.", module_name)
     return int(match.group(1)) if match else None

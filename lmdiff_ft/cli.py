@@ -1,6 +1,7 @@
 """The `lmdiff-ft` command: a thin layer over library functions. User mistakes print one line, exit 2."""
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -24,11 +25,15 @@ def cmd_tiny_base(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .adapters import parse_layers
     from .inspection import inspect_base, print_report
+    from .tasks import parse_layers
 
     presets = [p for p in args.targets.split(",") if p]
-    print_report(inspect_base(args.base, presets, parse_layers(args.layers), args.quantization, args.r))
+    try:
+        layers = parse_layers(args.layers)
+    except ValueError as exc:
+        raise UserError(f"--layers: {exc}") from None
+    print_report(inspect_base(args.base, presets, layers, args.quantization, args.r))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -38,9 +43,34 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: merged logits vs base+adapter max |Δ| {diff:.3g}")
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .tasks import load_task
+    from .train import run_sft
+
+    run_sft(load_task(args.task, args.overrides), dry_run=args.dry_run, resume=args.resume)
+
+
+def add_training_command(commands, name: str, handler, help: str) -> None:
+    parser = commands.add_parser(name, help=help)
+    parser.add_argument("task", help="task YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=32")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, preview trained tokens, exit")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the latest checkpoint in the output dir (or the given checkpoint dir)",
+    )
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdiff-ft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    add_training_command(commands, "sft", cmd_sft, "supervised fine-tuning of a LoRA adapter (TRL SFTTrainer)")
 
     convert = commands.add_parser("convert", help="convert a Llama checkpoint to LM-Diff (function-preserving)")
     convert.add_argument("src", help="Llama checkpoint directory, or a Hub id where there is network")
@@ -74,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -2,7 +2,7 @@
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,3 +27,30 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+COMPLETION_MARKER = "adapter_config.json"  # PEFT's own "this is an adapter" file, so it doubles as "run finished"
+
+
+def publish_run(out: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a run's final files next to its checkpoints so that it never looks finished before it is.
+
+    `write` fills a temp dir; its files are then moved into `out` one by one (each move atomic) with
+    adapter_config.json last. A crash at any point leaves no adapter_config.json, so neither PEFT, the app,
+    nor `--resume` mistakes the directory for a finished adapter.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".final.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        names = sorted(os.listdir(staging), key=lambda name: name == COMPLETION_MARKER)
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,6 @@ from lmdiff_ft.adapters import (
     attach_adapters,
     base_info,
     load_adapter,
-    parse_layers,
     resolve_targets,
     write_base_info,
 )
@@ -166,15 +165,3 @@ def test_inspect_prints_the_tables(tiny_base_path, capsys):
     out = capsys.readouterr().out
     assert "per preset" in out and "self_attn.diff_lambda" in out and "memory footprint" in out
 
-
-@pytest.mark.parametrize(
-    "spec, expected", [("12-14", [12, 13, 14]), ("0,2,5-6", [0, 2, 5, 6]), (3, [3]), ([2, 0, 2], [0, 2]), (None, None)]
-)
-def test_parse_layers(spec, expected):
-    assert parse_layers(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["1-", "a", "5-2", "1,,2"])
-def test_parse_layers_rejects(spec):
-    with pytest.raises(UserError, match="adapter.layers"):
-        parse_layers(spec)

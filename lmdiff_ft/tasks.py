@@ -1,0 +1,612 @@
+"""Task files: YAML → a validated, typed `Task`, one dataclass per section, 1:1 with what training does.
+
+A task names the base model, the adapter, the data and how its rows become prompts, and the training
+and evaluation settings. Every mistake in it raises `UserError` with one line naming the file, the
+dotted key and what was expected, so a typo fails before any model is loaded. The dataclasses are
+the schema: their type hints drive validation, their defaults are the documented defaults
+(docs/tasks.md), and `Task.to_yaml()` writes the fully resolved task back out.
+"""
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import string
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import UserError
+
+Quantization = Literal["auto", "nf4", "fp4", "int8", "none"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+PresetName = Literal["diff_attn", "lambda", "se_gate", "mlp", "adaptive_norm", "token_mixing", "all"]
+DataFormat = Literal["messages", "prompt_completion", "alpaca", "text"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Metric = Literal["loss", "perplexity", "exact_match", "rouge_l", "accuracy", "preference_accuracy"]
+# Every loss type TRL 1.16's DPOConfig accepts (trl/trainer/dpo_config.py, `loss_type`).
+LossType = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]  # fmt: skip
+
+TINY = "tiny"
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Canonical column names per data format; `data.fields` maps them to the dataset's own column names.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "text": ("text",),
+}
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+ANSWER_FIELDS = ("completion", "output", "chosen", "rejected")
+PROMPT_FIELDS = ("prompt", "instruction", "input")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check(predicate: Callable[[Any], bool], expected: str) -> dict:
+    """Field metadata: a value check, and the words that finish "expected <type> ..." when it fails."""
+    return {"check": (predicate, expected)}
+
+
+POSITIVE = _check(lambda v: v > 0, "> 0")
+NON_NEGATIVE = _check(lambda v: v >= 0, ">= 0")
+FRACTION = _check(lambda v: 0 <= v < 1, "in [0, 1)")
+NOT_EMPTY = _check(lambda v: len(v) > 0, "that is not empty")
+SHORTHAND_PATH = {"shorthand": "path"}  # a plain string stands for {path: <string>}
+
+
+def parse_layers(spec: str | int | list[int] | None) -> list[int] | None:
+    """'12-21', '0,2,5-7', 3 or [0, 2] → sorted unique layer indices; None → None (every layer).
+
+    Raises ValueError with a message that starts with "expected", for the validator to prefix with the key.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        layers = [layer for part in spec.split(",") for layer in _layer_range(part, spec)]
+    elif isinstance(spec, list):
+        layers = spec
+    else:
+        layers = [spec]
+    if not layers or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in layers):
+        raise ValueError(f"expected layer indices like '12-21', '0,2,5-7' or a list of integers >= 0, got {spec!r}")
+    return sorted(set(layers))
+
+
+def _layer_range(part: str, spec: str) -> range:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+    if not match:
+        raise ValueError(f"expected layer indices like '12-21' or '0,2,5-7', got {spec!r}")
+    start, end = int(match[1]), int(match[2] or match[1])
+    if end < start:
+        raise ValueError(f"expected ascending ranges, got {part.strip()!r} in {spec!r}")
+    return range(start, end + 1)
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{column}` placeholders of a format string. ValueError for bad braces, `{}`, `{0}` or `{a.b}`."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid format string ({exc}); write literal braces as {{{{ and }}}}") from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    for name in names:
+        if not name or name.isdigit() or "." in name or "[" in name:
+            raise ValueError(f"placeholder {{{name}}} must name a column, like {{question}}")
+    return names
+
+
+def canonical_fields(data_format: str) -> tuple[str, ...]:
+    """The names `data.fields` may map for a format; prompt_completion also serves preference (DPO) data."""
+    names = FORMAT_FIELDS[data_format]
+    if data_format == "prompt_completion":
+        names += tuple(n for n in PREFERENCE_FIELDS if n not in names)
+    return names
+
+
+@dataclass(kw_only=True)
+class BaseConfig:
+    """The model to fine-tune: `tiny` (the locally built tiny base), a checkpoint directory, or a Hub id."""
+
+    path: str = field(metadata=NOT_EMPTY)
+    convert_from_llama: bool = False
+    seed: int = 0  # only for `tiny`: which tiny base
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.path == TINY
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    presets: list[PresetName] = field(default_factory=lambda: ["diff_attn", "lambda", "se_gate"], metadata=NOT_EMPTY)
+    r: int = field(default=16, metadata=POSITIVE)
+    alpha: int = field(default=32, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=FRACTION)
+    dora: bool = False
+    rslora: bool = False
+    layers: list[int] | None = field(default=None, metadata={"parse": parse_layers})
+    init_adapter: str | None = None  # an adapter directory to continue from
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """A local file, a saved `datasets` directory, or a Hub dataset id (with its split and config name)."""
+
+    path: str = field(metadata=NOT_EMPTY)
+    split: str = "train"
+    name: str | None = None
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: DataSource = field(metadata=SHORTHAND_PATH)
+    eval: DataSource | None = field(default=None, metadata=SHORTHAND_PATH)
+    eval_fraction: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
+    format: DataFormat = "prompt_completion"
+    fields: dict[str, str] = field(default_factory=dict)  # canonical name → column name
+    max_samples: int | None = field(default=None, metadata=POSITIVE)
+
+    def column(self, canonical: str) -> str:
+        """The dataset column that holds a canonical field (unmapped names are their own column)."""
+        return self.fields.get(canonical, canonical)
+
+
+@dataclass(kw_only=True)
+class TemplateConfig:
+    system: str | None = None
+    prompt: str | None = None  # format string over the row's columns, e.g. "Question: {question}"
+    completion: str | None = None  # format string for the answer, e.g. " {label}"
+    chat: bool = True
+    chat_template: str | None = None  # Jinja, overrides the tokenizer's
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: float = field(default=3.0, metadata=POSITIVE)
+    max_steps: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "> 0, or -1 (no limit)"))
+    lr: float = field(default=2e-4, metadata=POSITIVE)
+    lr_scheduler: Scheduler = "cosine"
+    warmup_ratio: float = field(default=0.03, metadata=FRACTION)
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    batch_size: int = field(default=8, metadata=POSITIVE)
+    grad_accum: int = field(default=1, metadata=POSITIVE)
+    max_length: int = field(default=512, metadata=POSITIVE)
+    packing: bool = False
+    seed: int = 42
+    logging_steps: int = field(default=10, metadata=POSITIVE)
+    save_steps: int = field(default=100, metadata=POSITIVE)
+    eval_steps: int | None = field(default=None, metadata=POSITIVE)
+    save_total_limit: int | None = field(default=2, metadata=POSITIVE)
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_torch"
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    metrics: list[Metric] = field(default_factory=lambda: ["exact_match", "rouge_l"])
+    num_samples: int = field(default=50, metadata=NON_NEGATIVE)
+    train_samples: int = field(default=50, metadata=NON_NEGATIVE)
+    max_new_tokens: int = field(default=32, metadata=POSITIVE)
+    do_sample: bool = False
+    temperature: float = field(default=1.0, metadata=POSITIVE)
+    top_p: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "in (0, 1]"))
+    labels: list[str] | None = field(default=None, metadata=NOT_EMPTY)
+
+
+@dataclass(kw_only=True)
+class PreferenceConfig:
+    beta: float = field(default=0.1, metadata=POSITIVE)
+    loss_type: LossType = "sigmoid"
+    max_prompt_length: int | None = field(default=None, metadata=POSITIVE)
+
+
+@dataclass(kw_only=True)
+class Task:
+    name: str = field(metadata=_check(NAME.fullmatch, "made of letters, digits, '.', '_' or '-'"))
+    base: BaseConfig = field(metadata=SHORTHAND_PATH)
+    quantization: Quantization = "auto"
+    dtype: Dtype = "auto"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preference: PreferenceConfig | None = None
+    output_dir: str | None = None  # null → runs/<name>, relative to the working directory
+    source_path: Path | None = field(default=None, compare=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved task (every default filled, local paths absolute), as plain YAML-able data."""
+        resolved = dataclasses.asdict(self)
+        del resolved["source_path"]
+        return resolved
+
+    def to_yaml(self) -> str:
+        """What training writes to `resolved_task.yaml`; `load_task` on it gives an equal Task."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+class _Invalid(Exception):
+    """A mistake found while validating; `load_task` prefixes the file name and raises UserError."""
+
+
+# YAML 1.1 reads `2e-4` (no dot) as a string; task files and overrides mean a number, so resolve it as one
+# (and quote such strings when dumping, so the resolved task reads back the same).
+_EXPONENT_FLOAT = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Refuse duplicate keys: PyYAML would silently keep the last one."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def load_task(path: str | Path, overrides: Sequence[str] = ()) -> Task:
+    """Read, override (`train.lr=1e-4`), validate and resolve a task file. Paths resolve against its directory."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    with _errors_in(path):
+        for item in overrides:
+            _apply_override(raw, item)
+        task = _build(Task, raw, "")
+        task.source_path = path
+        _resolve_paths(task, path.resolve().parent)
+        _check_task(task)
+    return task
+
+
+def check_preference(task: Task) -> None:
+    """The extra rules for preference (DPO) data; `load_task` applies them when the task has `preference`."""
+    with _errors_in(task.source_path or "task"):
+        _check_preference(task)
+
+
+@contextlib.contextmanager
+def _errors_in(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except _Invalid as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: task file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: expected a task YAML file, got a directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the task file ({exc})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise UserError(
+            f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else _show(raw)
+        raise UserError(f"{path}: expected a mapping of task keys (name, base, data, ...), got {got}")
+    return raw
+
+
+# --- building dataclasses from YAML data ---------------------------------------------------------------
+
+
+@functools.cache
+def _schema(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """The user-visible fields of a section and their type hints."""
+    hints = get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    """Build section `cls` from the mapping `raw` found at dotted `key` ("" for the top level)."""
+    schema = _schema(cls)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _Invalid(f"{key}: expected a mapping with keys {', '.join(schema)}, got {_show(raw)}")
+    for name in raw:
+        if name not in schema:
+            dotted = [_join(key, n) for n in schema]
+            raise _Invalid(f"unknown key '{_join(key, name)}'{_suggest(_join(key, str(name)), dotted)}")
+    values = {}
+    for name, (spec, hint) in schema.items():
+        dotted = _join(key, name)
+        if _required(spec) and raw.get(name) is None:
+            if not dataclasses.is_dataclass(hint) or "shorthand" in spec.metadata:
+                raise _Invalid(f"missing required key '{dotted}'")
+            values[name] = _build(hint, {}, dotted)  # names the missing key inside the section (data.train)
+        elif name in raw:
+            values[name] = _convert(raw[name], hint, spec.metadata, dotted)
+    return cls(**values)
+
+
+def _required(spec: dataclasses.Field) -> bool:
+    return spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+
+
+def _convert(value: Any, hint: Any, metadata: typing.Mapping, key: str) -> Any:
+    if "parse" in metadata:
+        try:
+            value = metadata["parse"](value)
+        except ValueError as exc:
+            raise _Invalid(f"{key}: {exc}") from None
+    if "shorthand" in metadata:
+        if isinstance(value, str):
+            value = {metadata["shorthand"]: value}
+        elif value is not None and not isinstance(value, dict):
+            raise _Invalid(f"{key}: expected a string or a mapping with '{metadata['shorthand']}', got {_show(value)}")
+    value = _coerce(value, hint, key)
+    if "check" in metadata and value is not None:
+        predicate, expected = metadata["check"]
+        if not predicate(value):
+            raise _Invalid(f"{key}: expected {_describe(_non_null(hint))} {expected}, got {_show(value)}")
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str, nullable: bool = False) -> Any:
+    """Check `value` against a type hint; ints are accepted as floats, bools are not accepted as numbers."""
+    origin = get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return None if value is None else _coerce(value, _non_null(hint), key, nullable=True)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        (item,) = get_args(hint)
+        if isinstance(value, str) and (item is str or get_origin(item) is Literal):
+            value = [value]  # `metrics: exact_match` means a list of one
+        if isinstance(value, list):
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): _coerce(v, get_args(hint)[1], f"{key}.{k}") for k, v in value.items()}
+    elif origin is Literal:
+        if isinstance(value, str) and value in get_args(hint):
+            return value
+    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    expected = _describe(hint) + (" or null" if nullable else "")
+    suggestion = _suggest(value, get_args(hint)) if origin is Literal else ""
+    raise _Invalid(f"{key}: expected {expected}, got {_show(value)}{suggestion}")
+
+
+def _non_null(hint: Any) -> Any:
+    """`X | None` → X; any other hint unchanged."""
+    if get_origin(hint) in (types.UnionType, typing.Union):
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return inner
+    return hint
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(get_args(hint))
+    if get_origin(hint) is list:
+        return "a list"
+    if get_origin(hint) is dict or dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, shortened."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).splitlines()[0]
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggest(word: Any, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+# --- command-line overrides ----------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in the raw YAML data, refusing keys the schema does not have."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise _Invalid(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    node, cls, hint = raw, Task, None
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        if cls is None:  # inside a free mapping (data.fields): any key
+            if depth != len(parts) - 1:
+                raise _Invalid(f"override {item!r}: '{dotted}' takes a value, not sub-keys")
+            hint = get_args(hint)[1]
+            break
+        schema = _schema(cls)
+        if part not in schema:
+            siblings = [_join(".".join(parts[:depth]), n) for n in schema]
+            raise _Invalid(f"override {item!r}: unknown key '{dotted}'{_suggest(dotted, siblings)}")
+        spec, hint = schema[part]
+        if depth == len(parts) - 1:
+            break
+        inner = _non_null(hint)
+        if not (dataclasses.is_dataclass(inner) or get_origin(inner) is dict):
+            raise _Invalid(f"override {item!r}: '{dotted}' takes a value, not sub-keys")
+        child = node.get(part)
+        if isinstance(child, str) and "shorthand" in spec.metadata:
+            child = {spec.metadata["shorthand"]: child}
+        node[part] = child = {} if child is None else child
+        if not isinstance(child, dict):
+            raise _Invalid(f"{dotted}: expected a mapping, got {_show(child)}")
+        node, cls, hint = child, (inner if dataclasses.is_dataclass(inner) else None), inner
+    node[parts[-1]] = _override_value(text, hint, item)
+
+
+def _override_value(text: str, hint: Any, item: str) -> Any:
+    """YAML-parse the value (numbers, bools, lists); a string field takes the text verbatim unless it is null."""
+    is_text = _non_null(hint) is str
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        if is_text:
+            return text
+        raise _Invalid(f"override {item!r}: invalid YAML value ({getattr(exc, 'problem', exc)})") from None
+    return text if is_text and value is not None and not isinstance(value, str) else value
+
+
+# --- paths ---------------------------------------------------------------------------------------------
+
+
+def local_path(text: str, base_dir: Path, data_file: bool = False) -> Path | None:
+    """`text` as an absolute local path (relative ones resolve against `base_dir`), or None for a Hub id.
+
+    It is local when it starts with '.', '/' or '~', exists, or (for data) ends in a data-file suffix.
+    """
+    path = _absolute(text, base_dir)
+    is_local = text.startswith((".", "/", "~")) or path.exists()
+    if data_file and path.suffix.lower() in DATA_SUFFIXES:
+        is_local = True
+    return path if is_local else None
+
+
+def _absolute(text: str, base_dir: Path) -> Path:
+    return Path(os.path.abspath(base_dir / Path(text).expanduser()))
+
+
+def _resolve_paths(task: Task, task_dir: Path) -> None:
+    _resolve_base(task.base, task_dir)
+    for source in (task.data.train, task.data.eval):
+        if source is not None and (path := local_path(source.path, task_dir, data_file=True)) is not None:
+            source.path = str(path)
+    if task.adapter.init_adapter is not None:
+        path = _absolute(task.adapter.init_adapter, task_dir)
+        if not (path / "adapter_config.json").is_file():
+            raise _Invalid(f"adapter.init_adapter: expected an adapter directory with adapter_config.json, got {path}")
+        task.adapter.init_adapter = str(path)
+
+
+def _resolve_base(base: BaseConfig, task_dir: Path) -> None:
+    if base.is_tiny:
+        return
+    path = local_path(base.path, task_dir)
+    if path is None:
+        if not HUB_ID.fullmatch(base.path):
+            raise _Invalid(
+                f"base.path: expected 'tiny', a checkpoint directory or a Hub id 'org/name', got {base.path!r}"
+            )
+        return
+    if not path.exists():
+        raise _Invalid(f"base.path: no such directory: {path}")
+    if not (path / "config.json").is_file():
+        raise _Invalid(f"base.path: expected a checkpoint directory with config.json, got {path}")
+    base.path = str(path)
+
+
+# --- rules that span keys ------------------------------------------------------------------------------
+
+
+def _check_task(task: Task) -> None:
+    _check_fields(task.data)
+    _check_template(task)
+    _check_leak(task)
+    _check_optim(task.train.optim)
+    if task.preference is not None:
+        _check_preference(task)
+
+
+def _check_fields(data: DataConfig) -> None:
+    """Only the format's canonical names may be mapped; fill the rest with themselves."""
+    allowed = canonical_fields(data.format)
+    for name in data.fields:
+        if name not in allowed:
+            raise _Invalid(
+                f"unknown key 'data.fields.{name}'{_suggest(name, allowed)}: data.format '{data.format}' maps "
+                f"{', '.join(allowed)} (each to a column name)"
+            )
+    data.fields = {name: data.fields.get(name, name) for name in allowed}
+
+
+def _check_template(task: Task) -> None:
+    template, data_format = task.template, task.data.format
+    if data_format == "messages" and not template.chat:
+        raise _Invalid("template.chat: data.format 'messages' needs chat: true (the chat template renders messages)")
+    unused = {"messages": ("prompt", "completion"), "text": ("system", "prompt", "completion")}.get(data_format, ())
+    for name in unused:
+        if getattr(template, name) is not None:
+            raise _Invalid(f"template.{name}: not used with data.format '{data_format}'; remove it")
+    for name in ("prompt", "completion"):
+        try:
+            template_fields(getattr(template, name) or "")
+        except ValueError as exc:
+            raise _Invalid(f"template.{name}: {exc}") from None
+
+
+def _check_leak(task: Task) -> None:
+    """Refuse a prompt built from the answer's columns: the model would read the answer it must produce."""
+    data, template = task.data, task.template
+    answers = {data.fields[name]: f"data.fields.{name}" for name in ANSWER_FIELDS if name in data.fields}
+    answers.update({column: "template.completion" for column in template_fields(template.completion or "")})
+    if template.prompt is not None:
+        prompt_columns = {column: "template.prompt" for column in template_fields(template.prompt)}
+    else:
+        prompt_columns = {data.fields[n]: f"data.fields.{n}" for n in PROMPT_FIELDS if n in data.fields}
+    for column, origin in prompt_columns.items():
+        if column in answers:
+            raise _Invalid(
+                f"{origin}: uses column '{column}', which holds the answer ({answers[column]}); "
+                "the model would see the answer in its prompt"
+            )
+
+
+def _check_optim(optim: str) -> None:
+    from transformers.training_args import OptimizerNames  # here: transformers takes seconds to import
+
+    names = [name.value for name in OptimizerNames]
+    if optim not in names:
+        raise _Invalid(f"train.optim: expected a transformers optimizer name, got {optim!r}{_suggest(optim, names)}")
+
+
+def _check_preference(task: Task) -> None:
+    if task.data.format != "prompt_completion":
+        raise _Invalid(
+            f"data.format: preference (DPO) data needs 'prompt_completion' (prompt, chosen and rejected columns), "
+            f"got {task.data.format!r}"
+        )
+    if task.template.completion is not None:
+        raise _Invalid("template.completion: not used by preference data (chosen and rejected are used as they are)")

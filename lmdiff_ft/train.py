@@ -1,0 +1,258 @@
+"""Training recipes: supervised fine-tuning through TRL's SFTTrainer, as a plain sequence of steps.
+
+1. check the output directory (fresh, or a run to resume)
+2. load and check the data           (fails on a bad row before any model is loaded)
+3. load the base and attach adapters (quantized as the task says)
+4. build the trainer                 (TRL tokenizes and masks here; we check and preview its labels)
+5. evaluate before training
+6. train                              (progress bar, TensorBoard logs, checkpoints)
+7. evaluate after training
+8. publish the run                    (adapter, tokenizer, metrics, card, curve; adapter_config.json last)
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from rich.console import Console
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from .adapters import attach_adapters, base_info, load_adapter, write_base_info
+from .data import ROW_COLUMN, load_splits, source_name, to_sft_rows
+from .errors import UserError
+from .evaluate import generation_metrics, loss_metrics
+from .loading import LoadedBase, load_base
+from .outputs import publish_run
+from .report import model_card, plot_loss_curve, print_label_preview, print_metrics_table, write_json
+from .tasks import Task
+
+BEFORE_FILE = "metrics_before.json"  # written at the start of a fresh run, read back on --resume
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | None]:
+    """The output dir and the checkpoint to resume from. A finished run is never silently overwritten, and
+    an interrupted one is only continued when asked."""
+    out = Path(task.output_dir)
+    finished = (out / "adapter_config.json").is_file()
+    if finished:
+        raise UserError(f"{out}: holds a finished run (adapter_config.json); delete it or set output_dir")
+    if resume is None or resume is False:
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is not None:
+            raise UserError(
+                f"{out}: holds an interrupted run ({Path(last).name}); continue it with --resume or delete it"
+            )
+        return out, None
+    if resume is True:
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise UserError(f"{out}: no checkpoint-N to resume from")
+        return out, last
+    checkpoint = Path(resume)
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise UserError(f"{checkpoint}: not a checkpoint directory (no trainer_state.json)")
+    return out, str(checkpoint)
+
+
+def prepare_rows(task: Task) -> tuple[Dataset, Dataset]:
+    """TRL-ready train/eval rows; each keeps its source row number for error messages."""
+    train_raw, eval_raw = load_splits(task)
+    rows = []
+    for raw, role in ((train_raw, "train"), (eval_raw, "eval")):
+        converted = to_sft_rows(raw, task, source_name(task, role))
+        rows.append(converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]))
+    return rows[0], rows[1]
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a CPU 4-bit weight into an inference-only layout the first time it runs in eval
+    mode without gradients (as evaluation before training does), and training on it afterwards fails.
+    Training runs keep the standard layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def model_with_adapters(base: LoadedBase, task: Task) -> torch.nn.Module:
+    """A fresh adapter from the task's presets, or the task's `init_adapter` continued (trainable)."""
+    keep_4bit_layout_trainable(base.model)
+    a = task.adapter
+    if a.init_adapter:
+        model = load_adapter(base.model, a.init_adapter, base.fingerprint, is_trainable=True)
+        if task.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return model
+    return attach_adapters(
+        base.model,
+        a.presets,
+        a.layers,
+        gradient_checkpointing=task.train.gradient_checkpointing,
+        r=a.r,
+        alpha=a.alpha,
+        dropout=a.dropout,
+        dora=a.dora,
+        rslora=a.rslora,
+    )
+
+
+def training_arguments(task: Task, out: Path, base: LoadedBase, config_class=SFTConfig, **extra):
+    """The task's `train` section, 1:1, as TRL/transformers arguments."""
+    t = task.train
+    if t.packing:
+        raise UserError(
+            f"{task.source_path}: train.packing: not supported for LM-Diff yet (its causal means and conv would "
+            "mix packed examples); set it to false"
+        )
+    return config_class(
+        output_dir=str(out),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_length=t.max_length,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=t.optim,
+        bf16=base.dtype == torch.bfloat16,
+        fp16=base.dtype == torch.float16,
+        report_to=["tensorboard"],
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task) -> None:
+    """TRL silently drops examples left with no trained token (e.g. a long prompt truncated to max_length).
+    Here that is an error naming the rows, since those examples would never be learned."""
+    kept = set(prepared[ROW_COLUMN])
+    lost = [r for r in rows[ROW_COLUMN] if r not in kept]
+    if lost:
+        shown = ", ".join(map(str, lost[:10])) + (" …" if len(lost) > 10 else "")
+        raise UserError(
+            f"{source_name(task, role)}: row {shown}: no answer token left to train on after truncation to "
+            f"train.max_length={task.train.max_length} ({len(lost)} of {len(rows)} rows); raise max_length"
+        )
+
+
+def evaluate_all(trainer, model, tokenizer, train_rows: Dataset, eval_rows: Dataset, task: Task) -> tuple[dict, list]:
+    metrics = loss_metrics(trainer)
+    samples = []
+    for rows, split in ((eval_rows, "eval"), (train_rows, "train")):
+        values, split_samples = generation_metrics(model, tokenizer, rows, task.eval, split)
+        metrics.update(values)
+        samples += [{"split": split, **s} for s in split_samples]
+    return metrics, samples
+
+
+def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
+    console = console or Console()
+    out, checkpoint = run_directory(task, resume)
+    set_seed(task.train.seed)
+
+    train_rows, eval_rows = prepare_rows(task)
+    console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({task.data.format})")
+
+    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
+    console.print(base.describe())
+    tokenizer = base.tokenizer
+    if task.template.chat_template:
+        tokenizer.chat_template = task.template.chat_template
+    model = model_with_adapters(base, task)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_arguments(
+            task, out, base, assistant_only_loss=task.data.format == "messages", remove_unused_columns=True
+        ),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+    )
+    check_trained_tokens(trainer.train_dataset, train_rows, "train", task)
+    check_trained_tokens(trainer.eval_dataset, eval_rows, "eval", task)
+    if is_main_process():
+        print_label_preview(
+            [trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))], tokenizer, console
+        )
+        trained = sum(sum(label != -100 for label in ex) for ex in trainer.train_dataset["labels"])
+        total = sum(len(ex) for ex in trainer.train_dataset["input_ids"])
+        console.print(f"train split: {trained:,} trained tokens of {total:,} ({100 * trained / total:.1f}%)")
+    if dry_run:
+        return None
+
+    before_file = out / BEFORE_FILE
+    if checkpoint and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before, _ = evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
+        if is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(before_file, before)
+
+    started = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.time() - started
+
+    after, samples = evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
+    if not is_main_process():
+        return None
+    print_metrics_table(before, after, console, title=f"{task.name}: before → after")
+    metrics = {
+        "before": before,
+        "after": after,
+        "train_seconds": round(train_seconds, 1),
+        "global_step": trainer.state.global_step,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "samples": samples,
+    }
+    publish_sft_run(out, task, base, model, tokenizer, trainer, metrics, len(train_rows), len(eval_rows))
+    console.print(f"wrote {out}")
+    return metrics
+
+
+def publish_sft_run(out, task, base, model, tokenizer, trainer, metrics, n_train, n_eval) -> None:
+    summary = {
+        "presets": ", ".join(task.adapter.presets)
+        if not task.adapter.init_adapter
+        else f"from {task.adapter.init_adapter}",
+        "rank / alpha": f"{task.adapter.r} / {task.adapter.alpha}",
+        "quantization": base.quantization,
+        "data": f"{n_train} train rows from {source_name(task, 'train')}, {n_eval} eval rows",
+        "steps": metrics["global_step"],
+        "training time (s)": metrics["train_seconds"],
+        "trainable parameters": f"{metrics['trainable_parameters']:,}",
+    }
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        write_base_info(directory, base_info(model.get_base_model(), base.path, base.fingerprint))
+        write_json(directory / "metrics.json", metrics)
+        (directory / "resolved_task.yaml").write_text(task.to_yaml())
+        trainer.state.save_to_json(str(directory / "trainer_state.json"))
+        plot_loss_curve(trainer.state.log_history, directory / "loss_curve.png")
+        (directory / "README.md").write_text(model_card(task.name, str(base.path), task.to_yaml(), metrics, summary))
+
+    publish_run(out, write)

@@ -1,0 +1,364 @@
+"""Task files: defaults, validation messages (file + key + what was expected), overrides, round trip."""
+
+from pathlib import Path
+
+import pytest
+
+from lmdiff_ft.errors import UserError
+from lmdiff_ft.tasks import Task, load_task, parse_layers, template_fields
+
+MINIMAL = """\
+name: qa
+base: tiny
+data:
+  train: data/train.jsonl
+"""
+
+
+def write_task(directory: Path, text: str, name: str = "task.yaml") -> Path:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(directory: Path, text: str, overrides: list[str] = ()) -> str:
+    with pytest.raises(UserError) as info:
+        load_task(write_task(directory, text), overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(directory / "task.yaml") + ": ")
+    return message
+
+
+def test_minimal_task_gets_every_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_task(tmp_path / "tasks", MINIMAL)
+    task = load_task(path)
+    assert task.name == "qa" and task.source_path == path
+    assert (task.base.path, task.base.is_tiny, task.base.seed, task.base.convert_from_llama) == ("tiny", True, 0, False)
+    assert (task.quantization, task.dtype) == ("auto", "auto")
+    assert task.adapter.presets == ["diff_attn", "lambda", "se_gate"]
+    assert (task.adapter.r, task.adapter.alpha, task.adapter.dropout, task.adapter.layers) == (16, 32, 0.05, None)
+    assert task.data.train.path == str(tmp_path / "tasks" / "data" / "train.jsonl")  # against the task's directory
+    assert (task.data.train.split, task.data.eval, task.data.eval_fraction) == ("train", None, 0.1)
+    assert task.data.format == "prompt_completion"
+    assert task.data.fields == {
+        "prompt": "prompt",
+        "completion": "completion",
+        "chosen": "chosen",
+        "rejected": "rejected",
+    }
+    assert (task.template.chat, task.template.prompt, task.template.system) == (True, None, None)
+    assert (task.train.epochs, task.train.lr, task.train.lr_scheduler, task.train.optim) == (
+        3.0,
+        2e-4,
+        "cosine",
+        "adamw_torch",
+    )
+    assert (task.train.batch_size, task.train.max_length, task.train.save_total_limit) == (8, 512, 2)
+    assert task.eval.metrics == ["exact_match", "rouge_l"] and task.eval.num_samples == 50
+    assert task.preference is None
+    assert task.output_dir == "runs/qa"
+
+
+def test_full_task_is_read_as_written(tmp_path):
+    text = (
+        MINIMAL.replace("base: tiny", "base: {path: org/model, convert_from_llama: true}")
+        + """\
+  eval: {path: squad, split: validation, name: plain_text}
+  fields: {prompt: question}
+  max_samples: 100
+adapter: {presets: [diff_attn, mlp], layers: "0,2-3", dora: true}
+train: {lr: 5e-5, epochs: 1, eval_steps: 20}
+eval: {metrics: accuracy, labels: [planetary, heliophysics]}
+preference: {loss_type: ipo}
+quantization: nf4
+output_dir: out/qa
+"""
+    )
+    task = load_task(write_task(tmp_path, text))
+    assert (task.base.path, task.base.convert_from_llama) == ("org/model", True)
+    assert (task.data.eval.path, task.data.eval.split, task.data.eval.name) == ("squad", "validation", "plain_text")
+    assert task.data.fields["prompt"] == "question" and task.data.max_samples == 100
+    assert task.adapter.layers == [0, 2, 3] and task.adapter.dora is True
+    assert task.train.lr == 5e-5 and isinstance(task.train.epochs, float) and task.train.eval_steps == 20
+    assert task.eval.metrics == ["accuracy"] and task.eval.labels == ["planetary", "heliophysics"]
+    assert task.preference.loss_type == "ipo" and task.preference.beta == 0.1
+    assert (task.quantization, task.output_dir) == ("nf4", "out/qa")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL + "trian: {lr: 1}\n", "unknown key 'trian' (did you mean 'train'?)"),
+        (MINIMAL + "train: {lrr: 1.0e-4}\n", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        (MINIMAL.replace("train: data", "trian: data"), "unknown key 'data.trian' (did you mean 'data.train'?)"),
+        (MINIMAL + "adaptor: {r: 8}\n", "unknown key 'adaptor' (did you mean 'adapter'?)"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest(tmp_path, text, expected):
+    assert expected in load_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("train: {lr: fast}", "train.lr: expected a number, got 'fast'"),
+        ("train: {batch_size: true}", "train.batch_size: expected an integer, got true"),
+        ("train: {batch_size: 8.5}", "train.batch_size: expected an integer, got 8.5"),
+        ("train: {packing: 'yes'}", "train.packing: expected true or false, got 'yes'"),
+        ("train: {lr: -1}", "train.lr: expected a number > 0, got -1.0"),
+        ("train: {eval_steps: often}", "train.eval_steps: expected an integer or null, got 'often'"),
+        ("train: {lr_scheduler: cosin}", "train.lr_scheduler: expected one of linear, cosine, constant, "),
+        ("train: {optim: adamw_trch}", "train.optim: expected a transformers optimizer name, got 'adamw_trch' (did"),
+        ("train: 5", "train: expected a mapping with keys epochs, max_steps"),
+        ("quantization: nf5", "quantization: expected one of auto, nf4, fp4, int8, none, got 'nf5' (did you mean"),
+        ("adapter: {presets: [diff_atn]}", "adapter.presets[0]: expected one of diff_attn, lambda, se_gate, mlp,"),
+        ("adapter: {presets: []}", "adapter.presets: expected a list that is not empty, got []"),
+        ("adapter: {dropout: 1.5}", "adapter.dropout: expected a number in [0, 1), got 1.5"),
+        ("adapter: {layers: 5-2}", "adapter.layers: expected ascending ranges, got '5-2'"),
+        ("eval: {metrics: [exact_match, bleu]}", "eval.metrics[1]: expected one of loss, perplexity, exact_match"),
+        ("eval: {top_p: 0}", "eval.top_p: expected a number in (0, 1], got 0.0"),
+        ("preference: {loss_type: sigmod}", "preference.loss_type: expected one of sigmoid, hinge, ipo"),
+        ("dtype: fp16", "dtype: expected one of auto, float32, bfloat16, float16, got 'fp16'"),
+    ],
+)
+def test_wrong_values_name_the_dotted_key_and_the_expectation(tmp_path, section, expected):
+    assert expected in load_error(tmp_path, MINIMAL + section + "\n")
+
+
+def test_enum_errors_suggest_the_closest(tmp_path):
+    assert "(did you mean 'diff_attn'?)" in load_error(tmp_path, MINIMAL + "adapter: {presets: [diff_atn]}\n")
+    assert "(did you mean 'sigmoid'?)" in load_error(tmp_path, MINIMAL + "preference: {loss_type: sigmod}\n")
+
+
+def test_every_dpo_loss_type_of_trl_is_accepted(tmp_path):
+    from trl import DPOConfig
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    names = help_text.split("Possible values are: ")[1].split(". If")[0].replace("`", "").replace("'", "").split(", ")
+    assert len(names) == 15
+    for name in names:
+        task = load_task(write_task(tmp_path, MINIMAL), [f"preference.loss_type={name}"])
+        assert task.preference.loss_type == name
+
+
+def test_numbers_without_a_dot_and_ints_are_floats(tmp_path):
+    task = load_task(write_task(tmp_path, MINIMAL + "train: {lr: 2e-4, epochs: 2, weight_decay: 1E-2}\n"))
+    assert task.train.lr == 2e-4 and task.train.epochs == 2.0 and task.train.weight_decay == 0.01
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL.replace("name: qa\n", ""), "missing required key 'name'"),
+        (MINIMAL.replace("name: qa", "name:"), "missing required key 'name'"),
+        (MINIMAL.replace("base: tiny\n", ""), "missing required key 'base'"),
+        (MINIMAL.replace("name: qa", "name: my task"), "name: expected a string made of letters, digits"),
+        ("name: qa\nbase: tiny\n", "missing required key 'data.train'"),
+        ("name: qa\nbase: tiny\ndata: {format: text}\n", "missing required key 'data.train'"),
+        ("name: qa\nbase: tiny\ndata: {train: }\n", "missing required key 'data.train'"),
+    ],
+)
+def test_missing_required_keys_are_named(tmp_path, text, expected):
+    assert expected in load_error(tmp_path, text)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    message = load_error(tmp_path, MINIMAL + "train:\n  lr: [1, 2\n  epochs: 3\n")
+    assert "invalid YAML at line 7" in message
+
+
+def test_duplicate_keys_are_refused_with_the_line(tmp_path):
+    message = load_error(tmp_path, MINIMAL + "train: {lr: 1.0}\ntrain: {epochs: 1}\n")
+    assert "invalid YAML at line 6" in message and "duplicate key 'train'" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("", "got an empty file"), ("- name: qa\n", "expected a mapping of task keys")]
+)
+def test_top_level_must_be_a_mapping(tmp_path, text, expected):
+    assert expected in load_error(tmp_path, text)
+
+
+def test_missing_task_file(tmp_path):
+    with pytest.raises(UserError, match=r"nope\.yaml: task file not found"):
+        load_task(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    overrides = [
+        "train.lr=1e-4",
+        "adapter.r=32",
+        "adapter.presets=[diff_attn,mlp]",
+        "eval.num_samples=10",
+        "train.packing=true",
+        "template.system=Answer: briefly",  # a string field takes the text as written
+        "base.seed=3",  # the string form `base: tiny` becomes a mapping
+        "data.fields.prompt=question",
+        "adapter.layers=0-1",
+        "train.eval_steps=",  # empty = null
+        "preference.beta=0.2",  # creates the section
+    ]
+    task = load_task(write_task(tmp_path, MINIMAL + "train: {eval_steps: 5}\n"), overrides)
+    assert task.train.lr == 1e-4 and task.adapter.r == 32 and task.adapter.presets == ["diff_attn", "mlp"]
+    assert task.eval.num_samples == 10 and task.train.packing is True
+    assert task.template.system == "Answer: briefly"
+    assert (task.base.path, task.base.seed) == ("tiny", 3)
+    assert task.data.fields["prompt"] == "question" and task.adapter.layers == [0, 1]
+    assert task.train.eval_steps is None and task.preference.beta == 0.2
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=1e-4", "override 'train.lrr=1e-4': unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("trian.lr=1e-4", "unknown key 'trian' (did you mean 'train'?)"),
+        ("adapter.r.x=1", "override 'adapter.r.x=1': 'adapter.r' takes a value, not sub-keys"),
+        ("train.lr", "override 'train.lr': expected key=value, e.g. train.lr=1e-4"),
+        ("adapter.r=big", "adapter.r: expected an integer, got 'big'"),
+        ("train.batch_size=[1", "override 'train.batch_size=[1': invalid YAML value"),
+    ],
+)
+def test_bad_overrides_are_named(tmp_path, override, expected):
+    assert expected in load_error(tmp_path, MINIMAL, [override])
+
+
+def test_resolved_yaml_round_trips(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = MINIMAL + "adapter: {layers: '1-2'}\npreference: {}\ntemplate: {system: '1e5', prompt: 'Q: {prompt}'}\n"
+    task = load_task(write_task(tmp_path / "tasks", text), ["train.lr=3e-5"])
+    resolved = write_task(tmp_path / "runs" / "qa", task.to_yaml(), "resolved_task.yaml")
+    again = load_task(resolved)
+    assert again == task and again.to_dict() == task.to_dict()
+    assert again.template.system == "1e5"  # a string that reads like a number stays a string
+    assert "source_path" not in task.to_dict() and task.to_dict()["data"]["train"]["path"].startswith("/")
+
+
+@pytest.mark.parametrize(
+    ("spec", "layers"),
+    [
+        ("12-21", list(range(12, 22))),
+        ("0,2,5-7", [0, 2, 5, 6, 7]),
+        (" 3 - 4 , 1 ", [1, 3, 4]),
+        (3, [3]),
+        ([5, 1, 1], [1, 5]),
+        (None, None),
+    ],
+)
+def test_parse_layers(spec, layers):
+    assert parse_layers(spec) == layers
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("7-5", "expected ascending ranges, got '7-5'"),
+        ("a", "expected layer indices like"),
+        ("", "expected layer indices like"),
+        ("1,,2", "expected layer indices like"),
+        ([], "expected layer indices like"),
+        ([-1], "expected layer indices like"),
+        (True, "expected layer indices like"),
+        (["1"], "expected layer indices like"),
+    ],
+)
+def test_parse_layers_rejects(spec, expected):
+    with pytest.raises(ValueError, match=expected):
+        parse_layers(spec)
+
+
+def test_template_fields():
+    assert template_fields("Q: {question}\nContext: {context!r} {score:.2f}") == ["question", "context", "score"]
+    for bad in ("{}", "{0}", "{a.b}", "{oops"):
+        with pytest.raises(ValueError):
+            template_fields(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "  fields: {prompt: question, completion: answer}\ntemplate: {prompt: 'Q: {question} A: {answer}'}",
+            "template.prompt: uses column 'answer', which holds the answer (data.fields.completion)",
+        ),
+        (
+            "template: {prompt: 'Text: {label}', completion: ' {label}'}",
+            "template.prompt: uses column 'label', which holds the answer (template.completion)",
+        ),
+        (
+            "  fields: {prompt: text, completion: text}",
+            "data.fields.prompt: uses column 'text', which holds the answer (data.fields.completion)",
+        ),
+    ],
+)
+def test_a_prompt_that_holds_the_answer_is_refused(tmp_path, section, expected):
+    assert expected in load_error(tmp_path, MINIMAL + section + "\n")
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("template: {prompt: 'Q: {'}", "template.prompt: not a valid format string"),
+        ("template: {completion: ' {}'}", "template.completion: placeholder {} must name a column"),
+        ("  format: messages\ntemplate: {chat: false}", "template.chat: data.format 'messages' needs chat: true"),
+        ("  format: text\ntemplate: {prompt: '{text}'}", "template.prompt: not used with data.format 'text'"),
+        ("  fields: {answer: label}", "unknown key 'data.fields.answer'"),
+        ("  format: alpaca\n  fields: {prompt: q}", "unknown key 'data.fields.prompt'"),
+        ("  format: alpaca\npreference: {}", "data.format: preference (DPO) data needs 'prompt_completion'"),
+        ("  eval_fraction: 1", "data.eval_fraction: expected a number in (0, 1), got 1.0"),
+        ("template: {completion: ' {x}'}\npreference: {}", "template.completion: not used by preference data"),
+    ],
+)
+def test_format_and_template_rules(tmp_path, section, expected):
+    assert expected in load_error(tmp_path, MINIMAL + section + "\n")
+
+
+def test_base_forms(tmp_path):
+    model = tmp_path / "models" / "tiny-llama"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    task = load_task(write_task(tmp_path, MINIMAL.replace("base: tiny", "base: models/tiny-llama")))
+    assert task.base.path == str(model)  # exists next to the task file: local
+    task = load_task(write_task(tmp_path, MINIMAL.replace("base: tiny", "base: TinyLlama/TinyLlama-1.1B")))
+    assert task.base.path == "TinyLlama/TinyLlama-1.1B"  # a Hub id is kept as is
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("./models/missing", "base.path: no such directory: "),
+        ("/nonexistent/model", "base.path: no such directory: /nonexistent/model"),
+        ("data", "base.path: expected a checkpoint directory with config.json"),
+        ("not a hub id", "base.path: expected 'tiny', a checkpoint directory or a Hub id 'org/name', got 'not a hub"),
+        ("{seed: 1}", "missing required key 'base.path'"),
+        ("5", "base: expected a string or a mapping with 'path', got 5"),
+    ],
+)
+def test_bad_base_is_named(tmp_path, base, expected):
+    (tmp_path / "data").mkdir()
+    assert expected in load_error(tmp_path, MINIMAL.replace("base: tiny", f"base: {base}"))
+
+
+def test_init_adapter_must_be_an_adapter_directory(tmp_path):
+    adapter = tmp_path / "runs" / "previous"
+    adapter.mkdir(parents=True)
+    message = load_error(tmp_path, MINIMAL + "adapter: {init_adapter: runs/previous}\n")
+    assert f"adapter.init_adapter: expected an adapter directory with adapter_config.json, got {adapter}" in message
+    (adapter / "adapter_config.json").write_text("{}")
+    task = load_task(tmp_path / "task.yaml")
+    assert task.adapter.init_adapter == str(adapter)
+
+
+def test_data_sources_local_or_hub(tmp_path):
+    text = MINIMAL.replace("data/train.jsonl", "org/dataset") + "  eval: ../shared/eval.csv\n"
+    task = load_task(write_task(tmp_path / "tasks", text))
+    assert task.data.train.path == "org/dataset"
+    assert task.data.eval.path == str(tmp_path / "shared" / "eval.csv")
+
+
+def test_task_equality_ignores_where_it_was_read(tmp_path):
+    first = load_task(write_task(tmp_path, MINIMAL))
+    second = load_task(write_task(tmp_path, MINIMAL, "other.yaml"))
+    assert first == second and isinstance(first, Task)
