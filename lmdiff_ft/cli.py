@@ -50,6 +50,13 @@ def cmd_sft(args: argparse.Namespace) -> None:
     run_sft(load_task(args.task, args.overrides), dry_run=args.dry_run, resume=args.resume)
 
 
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from .dpo import run_dpo
+    from .tasks import load_task
+
+    run_dpo(load_task(args.task, args.overrides), dry_run=args.dry_run, resume=args.resume)
+
+
 def add_training_command(commands, name: str, handler, help: str) -> None:
     parser = commands.add_parser(name, help=help)
     parser.add_argument("task", help="task YAML file")
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_training_command(commands, "sft", cmd_sft, "supervised fine-tuning of a LoRA adapter (TRL SFTTrainer)")
+    add_training_command(commands, "dpo", cmd_dpo, "preference tuning (TRL DPOTrainer), reference = frozen adapter")
 
     convert = commands.add_parser("convert", help="convert a Llama checkpoint to LM-Diff (function-preserving)")
     convert.add_argument("src", help="Llama checkpoint directory, or a Hub id where there is network")

@@ -208,7 +208,6 @@ class EvalConfig:
 class PreferenceConfig:
     beta: float = field(default=0.1, metadata=POSITIVE)
     loss_type: LossType = "sigmoid"
-    max_prompt_length: int | None = field(default=None, metadata=POSITIVE)
 
 
 @dataclass(kw_only=True)
@@ -515,10 +514,30 @@ def _resolve_paths(task: Task, task_dir: Path) -> None:
         if source is not None and (path := local_path(source.path, task_dir, data_file=True)) is not None:
             source.path = str(path)
     if task.adapter.init_adapter is not None:
-        path = _absolute(task.adapter.init_adapter, task_dir)
+        # Like output_dir, relative to the working directory: it names another run's output.
+        path = _absolute(task.adapter.init_adapter, Path.cwd())
         if not (path / "adapter_config.json").is_file():
-            raise _Invalid(f"adapter.init_adapter: expected an adapter directory with adapter_config.json, got {path}")
+            raise _Invalid(
+                f"adapter.init_adapter: {path} is not a finished adapter (no adapter_config.json)"
+                f"{_producer_hint(path, task_dir)}"
+            )
         task.adapter.init_adapter = str(path)
+
+
+def _producer_hint(adapter_dir: Path, task_dir: Path) -> str:
+    """'; train it first: lmdiff-ft sft tasks/x.yaml' when a task file next to this one writes that directory."""
+    for candidate in sorted(task_dir.glob("*.y*ml")):
+        try:
+            raw = yaml.safe_load(candidate.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(raw, dict) or "name" not in raw:
+            continue
+        output = raw.get("output_dir") or f"runs/{raw['name']}"
+        if _absolute(str(output), Path.cwd()) == adapter_dir:
+            command = "dpo" if "preference" in raw else "sft"
+            return f"; train it first: lmdiff-ft {command} {os.path.relpath(candidate)}"
+    return ""
 
 
 def _resolve_base(base: BaseConfig, task_dir: Path) -> None:

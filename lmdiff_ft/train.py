@@ -12,6 +12,8 @@
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,6 +168,74 @@ def evaluate_all(trainer, model, tokenizer, train_rows: Dataset, eval_rows: Data
     return metrics, samples
 
 
+def load_model(task: Task, console: Console) -> tuple[LoadedBase, torch.nn.Module]:
+    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
+    console.print(base.describe())
+    if task.template.chat_template:
+        base.tokenizer.chat_template = task.template.chat_template
+    return base, model_with_adapters(base, task)
+
+
+def metrics_before(out: Path, checkpoint: str | None, compute) -> dict:
+    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back."""
+    before_file = out / BEFORE_FILE
+    if checkpoint and before_file.is_file():
+        return json.loads(before_file.read_text())
+    before = compute()
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(before_file, before)
+    return before
+
+
+def train_and_publish(
+    trainer, task: Task, base: LoadedBase, checkpoint, before: dict, evaluate, summary: dict, console: Console
+) -> dict | None:
+    """Steps 6-8 of every recipe: train, evaluate after, print the table, publish the run."""
+    started = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.time() - started
+    after, samples = evaluate()
+    if not is_main_process():
+        return None
+    print_metrics_table(before, after, console, title=f"{task.name}: before → after")
+    model = trainer.model
+    metrics = {
+        "before": before,
+        "after": after,
+        "train_seconds": round(train_seconds, 1),
+        "global_step": trainer.state.global_step,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "samples": samples,
+    }
+    summary = {
+        "adapter": ", ".join(task.adapter.presets)
+        if not task.adapter.init_adapter
+        else f"from {task.adapter.init_adapter}",
+        "rank / alpha": f"{task.adapter.r} / {task.adapter.alpha}",
+        "quantization": base.quantization,
+        **summary,
+        "steps": metrics["global_step"],
+        "training time (s)": metrics["train_seconds"],
+        "trainable parameters": f"{metrics['trainable_parameters']:,}",
+    }
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory, selected_adapters=["default"])
+        trainer.processing_class.save_pretrained(directory)
+        write_base_info(directory, base_info(model.get_base_model(), base.path, base.fingerprint))
+        write_json(directory / "metrics.json", metrics)
+        (directory / "resolved_task.yaml").write_text(task.to_yaml())
+        trainer.state.save_to_json(str(directory / "trainer_state.json"))
+        plot_loss_curve(trainer.state.log_history, directory / "loss_curve.png")
+        (directory / "README.md").write_text(model_card(task.name, str(base.path), task.to_yaml(), metrics, summary))
+
+    out = Path(task.output_dir)
+    publish_run(out, write)
+    console.print(f"wrote {out}")
+    return metrics
+
+
 def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
     console = console or Console()
     out, checkpoint = run_directory(task, resume)
@@ -174,18 +244,12 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     train_rows, eval_rows = prepare_rows(task)
     console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({task.data.format})")
 
-    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
-    console.print(base.describe())
+    base, model = load_model(task, console)
     tokenizer = base.tokenizer
-    if task.template.chat_template:
-        tokenizer.chat_template = task.template.chat_template
-    model = model_with_adapters(base, task)
-
+    trainer_dir = Path(tempfile.mkdtemp(prefix="lmdiff-ft-dry-run-")) if dry_run else out  # a dry run writes nothing
     trainer = SFTTrainer(
         model=model,
-        args=training_arguments(
-            task, out, base, assistant_only_loss=task.data.format == "messages", remove_unused_columns=True
-        ),
+        args=training_arguments(task, trainer_dir, base, assistant_only_loss=task.data.format == "messages"),
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,
@@ -200,59 +264,12 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         total = sum(len(ex) for ex in trainer.train_dataset["input_ids"])
         console.print(f"train split: {trained:,} trained tokens of {total:,} ({100 * trained / total:.1f}%)")
     if dry_run:
-        return None
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+        return trainer.train_dataset  # tokenized, with the labels TRL trains on: what the preview showed
 
-    before_file = out / BEFORE_FILE
-    if checkpoint and before_file.is_file():
-        before = json.loads(before_file.read_text())
-    else:
-        before, _ = evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
-        if is_main_process():
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(before_file, before)
+    def evaluate():
+        return evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
 
-    started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.time() - started
-
-    after, samples = evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
-    if not is_main_process():
-        return None
-    print_metrics_table(before, after, console, title=f"{task.name}: before → after")
-    metrics = {
-        "before": before,
-        "after": after,
-        "train_seconds": round(train_seconds, 1),
-        "global_step": trainer.state.global_step,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "samples": samples,
-    }
-    publish_sft_run(out, task, base, model, tokenizer, trainer, metrics, len(train_rows), len(eval_rows))
-    console.print(f"wrote {out}")
-    return metrics
-
-
-def publish_sft_run(out, task, base, model, tokenizer, trainer, metrics, n_train, n_eval) -> None:
-    summary = {
-        "presets": ", ".join(task.adapter.presets)
-        if not task.adapter.init_adapter
-        else f"from {task.adapter.init_adapter}",
-        "rank / alpha": f"{task.adapter.r} / {task.adapter.alpha}",
-        "quantization": base.quantization,
-        "data": f"{n_train} train rows from {source_name(task, 'train')}, {n_eval} eval rows",
-        "steps": metrics["global_step"],
-        "training time (s)": metrics["train_seconds"],
-        "trainable parameters": f"{metrics['trainable_parameters']:,}",
-    }
-
-    def write(directory: Path) -> None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        write_base_info(directory, base_info(model.get_base_model(), base.path, base.fingerprint))
-        write_json(directory / "metrics.json", metrics)
-        (directory / "resolved_task.yaml").write_text(task.to_yaml())
-        trainer.state.save_to_json(str(directory / "trainer_state.json"))
-        plot_loss_curve(trainer.state.log_history, directory / "loss_curve.png")
-        (directory / "README.md").write_text(model_card(task.name, str(base.path), task.to_yaml(), metrics, summary))
-
-    publish_run(out, write)
+    before = metrics_before(out, checkpoint, lambda: evaluate()[0])
+    summary = {"data": f"{len(train_rows)} train rows from {source_name(task, 'train')}, {len(eval_rows)} eval rows"}
+    return train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)

@@ -341,11 +341,14 @@ def test_bad_base_is_named(tmp_path, base, expected):
     assert expected in load_error(tmp_path, MINIMAL.replace("base: tiny", f"base: {base}"))
 
 
-def test_init_adapter_must_be_an_adapter_directory(tmp_path):
+def test_init_adapter_must_be_a_finished_adapter_and_names_the_task_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # init_adapter, like output_dir, is relative to the working directory
     adapter = tmp_path / "runs" / "previous"
-    adapter.mkdir(parents=True)
+    write_task(tmp_path, MINIMAL.replace("name: qa", "name: previous"), name="sft.yaml")
     message = load_error(tmp_path, MINIMAL + "adapter: {init_adapter: runs/previous}\n")
-    assert f"adapter.init_adapter: expected an adapter directory with adapter_config.json, got {adapter}" in message
+    assert f"adapter.init_adapter: {adapter} is not a finished adapter (no adapter_config.json)" in message
+    assert "train it first: lmdiff-ft sft sft.yaml" in message
+    adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     task = load_task(tmp_path / "task.yaml")
     assert task.adapter.init_adapter == str(adapter)

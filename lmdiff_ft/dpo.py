@@ -1,0 +1,128 @@
+"""Preference tuning through TRL's DPOTrainer, with no second copy of the base in memory.
+
+The reference model is an adapter on the same base: starting from an SFT adapter (`init_adapter`), the
+policy continues training that adapter and TRL keeps a frozen copy of it as the "ref" adapter; starting
+from the base, the reference is the base itself (a fresh LoRA starts at B = 0, so the frozen copy equals
+the base). Either way one base serves both models, quantized or not.
+
+    1. check the output directory      2. load and check the preference pairs
+    3. load the base + adapter         4. build the trainer (TRL adds the frozen "ref" adapter)
+    5. evaluate before                 6. train   7. evaluate after   8. publish
+"""
+
+from pathlib import Path
+
+from datasets import Dataset
+from rich.console import Console
+from rich.markup import escape
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import use_adapter
+
+from .data import load_splits, source_name, to_preference_rows
+from .evaluate import answer_nll, completion_token_ids, generation_metrics, preference_logprobs, preference_metrics
+from .tasks import Task, load_task
+from .train import is_main_process, load_model, metrics_before, prepare_rows, run_directory, train_and_publish
+from .train import training_arguments as base_training_arguments
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
+
+
+def prepare_pairs(task: Task) -> tuple[Dataset, Dataset]:
+    train_raw, eval_raw = load_splits(task)
+    return (
+        to_preference_rows(train_raw, task, source_name(task, "train")),
+        to_preference_rows(eval_raw, task, source_name(task, "eval")),
+    )
+
+
+def print_pair_preview(rows: Dataset, tokenizer, console: Console) -> None:
+    """Two rendered pairs with the token counts the trainer will see, and totals for the split."""
+    counts = []
+    for i, row in enumerate(rows):
+        prompt_ids, chosen_ids = completion_token_ids(row["prompt"], row["chosen"], tokenizer)
+        _, rejected_ids = completion_token_ids(row["prompt"], row["rejected"], tokenizer)
+        counts.append((len(prompt_ids), len(chosen_ids), len(rejected_ids)))
+        if i < 2:
+            console.rule(
+                f"pair {i + 1}: prompt {len(prompt_ids)} / chosen {len(chosen_ids)} / rejected {len(rejected_ids)} tokens"
+            )
+            console.print(f"[dim]{escape(tokenizer.decode(prompt_ids))}[/dim]")
+            console.print(f"[bold green]chosen:[/bold green] {escape(repr(tokenizer.decode(chosen_ids)))}")
+            console.print(f"[bold red]rejected:[/bold red] {escape(repr(tokenizer.decode(rejected_ids)))}")
+    totals = [sum(c[k] for c in counts) for k in range(3)]
+    longest = max(p + max(c, r) for p, c, r in counts)
+    console.print(
+        f"train split: {len(counts)} pairs, tokens prompt {totals[0]:,} / chosen {totals[1]:,} / rejected "
+        f"{totals[2]:,}; longest pair {longest} tokens"
+    )
+
+
+def sft_task_of(task: Task) -> Task | None:
+    """The SFT task the starting adapter was trained on (from its resolved_task.yaml), to score DPO on it."""
+    if not task.adapter.init_adapter:
+        return None
+    resolved = Path(task.adapter.init_adapter) / "resolved_task.yaml"
+    return load_task(resolved) if resolved.is_file() else None
+
+
+def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Task | None) -> tuple[dict, list]:
+    """Held-out preference accuracy (policy and reference), reward margins, and the SFT task's own metrics."""
+    policy = preference_logprobs(model, tokenizer, eval_pairs)
+    with use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None):
+        reference = preference_logprobs(model, tokenizer, eval_pairs)
+    metrics = preference_metrics(policy, reference, task.preference.beta)
+    metrics["reference_logprob_sum"] = (reference["chosen"].sum() + reference["rejected"].sum()).item()
+    samples = []
+    if sft_task is not None:
+        sft_train, sft_eval = prepare_rows(sft_task)
+        metrics["sft_eval_loss"] = answer_nll(model, tokenizer, sft_eval)
+        for rows, split in ((sft_eval, "eval"), (sft_train, "train")):
+            values, split_samples = generation_metrics(model, tokenizer, rows, sft_task.eval, split)
+            metrics.update({f"sft_{k}": v for k, v in values.items()})
+            samples += [{"split": f"sft_{split}", **s} for s in split_samples]
+    return metrics, samples
+
+
+def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
+    console = console or Console()
+    out, checkpoint = run_directory(task, resume)
+    set_seed(task.train.seed)
+
+    train_pairs, eval_pairs = prepare_pairs(task)
+    console.print(f"data: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs")
+    sft_task = sft_task_of(task)
+
+    base, model = load_model(task, console)
+    tokenizer = base.tokenizer
+    if is_main_process():
+        print_pair_preview(train_pairs, tokenizer, console)
+    if dry_run:
+        return None
+
+    args = base_training_arguments(
+        task, out, base, config_class=DPOConfig, beta=task.preference.beta, loss_type=[task.preference.loss_type]
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=train_pairs,
+        eval_dataset=eval_pairs,
+        processing_class=tokenizer,
+    )
+
+    def evaluate():
+        return evaluate_dpo(trainer.model, tokenizer, eval_pairs, task, sft_task)
+
+    before = metrics_before(out, checkpoint, lambda: evaluate()[0])
+    summary = {
+        "data": f"{len(train_pairs)} preference pairs from {source_name(task, 'train')}, {len(eval_pairs)} held out",
+        "DPO": f"beta {task.preference.beta}, loss {task.preference.loss_type}, reference: "
+        + ("the starting adapter, frozen" if task.adapter.init_adapter else "the base (adapter disabled)"),
+    }
+    metrics = train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)
+    if metrics is not None:
+        fixed = before["reference_logprob_sum"] == metrics["after"]["reference_logprob_sum"]
+        console.print(f"reference model unchanged by training: {'yes' if fixed else 'NO'}")
+    return metrics

@@ -1,0 +1,228 @@
+"""`lmdiff-ft sft`: label masking per data format, user errors, a short end-to-end run, resume after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmdiff_ft.cli import main
+from lmdiff_ft.errors import UserError
+from lmdiff_ft.tasks import load_task
+from lmdiff_ft.train import run_sft
+
+QA = [{"question": f"What is fact number {i} about Mars?", "answer": f"Fact {i}"} for i in range(16)]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_task(tmp_path, base, body: str, name: str = "qa") -> str:
+    task = tmp_path / f"{name}.yaml"
+    task.write_text(f"name: {name}\nbase: {base}\nquantization: none\noutput_dir: {tmp_path / 'runs' / name}\n" + body)
+    return str(task)
+
+
+QA_BODY = """
+adapter: {r: 8, alpha: 16, dropout: 0.0}
+data: {train: qa.jsonl, eval_fraction: 0.25, format: prompt_completion, fields: {prompt: question, completion: answer}}
+train: {max_steps: 4, batch_size: 4, lr: 5.0e-3, logging_steps: 1, save_steps: 2, max_length: 64}
+eval: {num_samples: 2, train_samples: 2, max_new_tokens: 4}
+"""
+
+
+@pytest.fixture
+def qa_task(tmp_path, tiny_base_path):
+    write_jsonl(tmp_path / "qa.jsonl", QA)
+    return write_task(tmp_path, tiny_base_path, QA_BODY)
+
+
+def trained_text(example, tokenizer) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    )
+
+
+def untrained_text(example, tokenizer) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label == -100]
+    )
+
+
+FORMATS = {
+    "chat prompt/completion": (
+        {"question": "Which rover landed in 2021?", "answer": "Perseverance"},
+        "data: {train: d.jsonl, eval: d.jsonl, fields: {prompt: question, completion: answer}}",
+        "Perseverance</s>\n",
+        "Which rover landed in 2021?",
+    ),
+    "plain template": (
+        {"text_in": "Voyager 2 flew past Neptune", "label": "planetary"},
+        "data: {train: d.jsonl, eval: d.jsonl, fields: {prompt: text_in, completion: label}}\n"
+        'template: {chat: false, prompt: "Mission: {text_in}\\nCategory:", completion: " {label}"}',
+        " planetary</s>",
+        "Mission: Voyager 2 flew past Neptune\nCategory:",
+    ),
+    "messages": (
+        {
+            "messages": [
+                {"role": "user", "content": "Who flew Apollo 11?"},
+                {"role": "assistant", "content": "Armstrong"},
+            ]
+        },
+        "data: {train: d.jsonl, eval: d.jsonl, format: messages}",
+        "Armstrong</s>",
+        "Who flew Apollo 11?",
+    ),
+    "alpaca": (
+        {"instruction": "Name the planet.", "input": "It has the Great Red Spot.", "output": "Jupiter"},
+        "data: {train: d.jsonl, eval: d.jsonl, format: alpaca}",
+        "Jupiter</s>\n",
+        "It has the Great Red Spot.",
+    ),
+}
+
+
+@pytest.mark.parametrize("data_format", list(FORMATS))
+def test_dry_run_trains_on_the_answer_only(tmp_path, tiny_base_path, data_format):
+    row, data, answer, prompt_part = FORMATS[data_format]
+    write_jsonl(tmp_path / "d.jsonl", [row] * 4)
+    task = load_task(write_task(tmp_path, tiny_base_path, data + "\n"))
+    prepared = run_sft(task, dry_run=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_path)
+    for example in prepared:
+        assert trained_text(example, tokenizer) == answer
+        assert prompt_part in untrained_text(example, tokenizer)
+    assert not (tmp_path / "runs" / "qa").exists(), "a dry run writes nothing"
+
+
+def test_text_format_trains_on_every_token(tmp_path, tiny_base_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "The Moon orbits the Earth."}] * 4)
+    task = load_task(write_task(tmp_path, tiny_base_path, "data: {train: d.jsonl, eval: d.jsonl, format: text}\n"))
+    example = run_sft(task, dry_run=True)[0]
+    assert all(label == token for label, token in zip(example["labels"], example["input_ids"], strict=True))
+
+
+def test_dry_run_prints_the_marked_examples(qa_task, capsys):
+    assert main(["sft", qa_task, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trained on: 'Fact" in out and "trained tokens of" in out
+
+
+def test_examples_left_without_trained_tokens_are_an_error(qa_task):
+    with pytest.raises(UserError, match=r"qa.jsonl: row 1, .*no answer token left to train on.*max_length=6"):
+        run_sft(load_task(qa_task, ["train.max_length=6"]), dry_run=True)
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (lambda d: (d / "qa.jsonl").unlink(), "qa.jsonl: file not found (data.train)"),
+        (
+            lambda d: write_jsonl(d / "qa.jsonl", QA[:3] + [{"question": "q"}]),
+            "qa.jsonl: row 4: missing field 'answer'",
+        ),
+        (lambda d: write_jsonl(d / "qa.jsonl", []), "no rows"),
+    ],
+)
+def test_data_errors_are_one_line_with_exit_2(qa_task, tmp_path, capsys, setup, expected):
+    setup(tmp_path)
+    assert main(["sft", qa_task]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err.splitlines()[-1] and "Traceback" not in err  # progress bars may come before
+
+
+def test_task_errors_are_one_line_with_exit_2(qa_task, capsys):
+    assert main(["sft", qa_task, "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'train.lr'" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["sft", qa_task.replace("qa.yaml", "missing.yaml")]) == 2
+    assert main(["sft", qa_task, "base=/nonexistent/base"]) == 2
+    assert "/nonexistent/base" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny_base_path, tmp_path):
+    metrics = run_sft(load_task(qa_task))
+    out = tmp_path / "runs" / "qa"
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+        "metrics.json",
+        "resolved_task.yaml",
+        "trainer_state.json",
+        "loss_curve.png",
+        "lmdiff_base.json",
+        "checkpoint-4",
+    ):
+        assert (out / name).exists(), name
+    assert not [p for p in out.iterdir() if "partial" in p.name]
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"]["eval_loss"] < saved["before"]["eval_loss"] == metrics["before"]["eval_loss"]
+    assert {"eval_exact_match", "eval_rouge_l", "train_exact_match"} <= saved["after"].keys()
+    assert load_task(out / "resolved_task.yaml") == load_task(qa_task)
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_path), out).eval()
+    tokens = torch.tensor([[1, 5, 6, 7]])
+    assert model(tokens).logits.shape[-1] == model.config.vocab_size
+
+    with pytest.raises(UserError, match="holds a finished run"):
+        run_sft(load_task(qa_task))
+
+
+def run_cli(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmdiff_ft", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def losses(run_dir) -> dict[int, float]:
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(qa_task, tmp_path):
+    overrides = ["train.max_steps=8", "train.save_steps=2", "eval.num_samples=0", "eval.train_samples=0"]
+    reference = run_sft(load_task(qa_task, [*overrides, f"output_dir={tmp_path / 'straight'}"]))
+    assert reference["global_step"] == 8
+
+    out = tmp_path / "runs" / "qa"
+    process = run_cli(["sft", qa_task, *overrides])
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "adapter_config.json").exists(), "a killed run must not look finished"
+
+    fresh = run_cli(["sft", qa_task, *overrides])
+    assert fresh.wait() == 2 and "--resume" in fresh.stderr.read()
+
+    resumed = run_cli(["sft", qa_task, *overrides, "--resume"])
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
+    got, expected = losses(out), losses(tmp_path / "straight")
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
