@@ -22,7 +22,15 @@ from trl.trainer.utils import use_adapter
 from .data import load_splits, source_name, to_preference_rows
 from .evaluate import answer_nll, completion_token_ids, generation_metrics, preference_logprobs, preference_metrics
 from .tasks import Task, load_task
-from .train import is_main_process, load_model, metrics_before, prepare_rows, run_directory, train_and_publish
+from .train import (
+    adapter_dtypes_kept,
+    is_main_process,
+    load_model,
+    metrics_before,
+    prepare_rows,
+    run_directory,
+    train_and_publish,
+)
 from .train import training_arguments as base_training_arguments
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -44,9 +52,8 @@ def print_pair_preview(rows: Dataset, tokenizer, console: Console) -> None:
         _, rejected_ids = completion_token_ids(row["prompt"], row["rejected"], tokenizer)
         counts.append((len(prompt_ids), len(chosen_ids), len(rejected_ids)))
         if i < 2:
-            console.rule(
-                f"pair {i + 1}: prompt {len(prompt_ids)} / chosen {len(chosen_ids)} / rejected {len(rejected_ids)} tokens"
-            )
+            sizes = f"prompt {len(prompt_ids)} / chosen {len(chosen_ids)} / rejected {len(rejected_ids)} tokens"
+            console.rule(f"pair {i + 1}: {sizes}")
             console.print(f"[dim]{escape(tokenizer.decode(prompt_ids))}[/dim]")
             console.print(f"[bold green]chosen:[/bold green] {escape(repr(tokenizer.decode(chosen_ids)))}")
             console.print(f"[bold red]rejected:[/bold red] {escape(repr(tokenizer.decode(rejected_ids)))}")
@@ -103,14 +110,15 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     args = base_training_arguments(
         task, out, base, config_class=DPOConfig, beta=task.preference.beta, loss_type=[task.preference.loss_type]
     )
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=args,
-        train_dataset=train_pairs,
-        eval_dataset=eval_pairs,
-        processing_class=tokenizer,
-    )
+    with adapter_dtypes_kept(model):
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=train_pairs,
+            eval_dataset=eval_pairs,
+            processing_class=tokenizer,
+        )
 
     def evaluate():
         return evaluate_dpo(trainer.model, tokenizer, eval_pairs, task, sft_task)

@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -168,6 +170,24 @@ def evaluate_all(trainer, model, tokenizer, train_rows: Dataset, eval_rows: Data
     return metrics, samples
 
 
+@contextmanager
+def adapter_dtypes_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Build a TRL trainer without its QLoRA bf16 cast of every trainable parameter.
+
+    On a quantized base TRL casts all trainable parameters to bf16 (the QLoRA paper's GPU recipe). Here
+    that would round the λ vectors and saved modules, and on CPU make every LoRA matmul a bf16 one (about
+    20x slower). The cast only touches parameters that require grad, so they are frozen while it runs.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
 def load_model(task: Task, console: Console) -> tuple[LoadedBase, torch.nn.Module]:
     base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
     console.print(base.describe())
@@ -247,13 +267,14 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     base, model = load_model(task, console)
     tokenizer = base.tokenizer
     trainer_dir = Path(tempfile.mkdtemp(prefix="lmdiff-ft-dry-run-")) if dry_run else out  # a dry run writes nothing
-    trainer = SFTTrainer(
-        model=model,
-        args=training_arguments(task, trainer_dir, base, assistant_only_loss=task.data.format == "messages"),
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        processing_class=tokenizer,
-    )
+    with adapter_dtypes_kept(model):
+        trainer = SFTTrainer(
+            model=model,
+            args=training_arguments(task, trainer_dir, base, assistant_only_loss=task.data.format == "messages"),
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            processing_class=tokenizer,
+        )
     check_trained_tokens(trainer.train_dataset, train_rows, "train", task)
     check_trained_tokens(trainer.eval_dataset, eval_rows, "eval", task)
     if is_main_process():

@@ -1,0 +1,106 @@
+"""`lmdiff-ft dpo`: preference tuning from an SFT adapter (reference = its frozen copy) or from the base."""
+
+import json
+
+import pytest
+from test_sft import QA_BODY, write_jsonl, write_task
+
+from lmdiff_ft.cli import main
+from lmdiff_ft.dpo import run_dpo
+from lmdiff_ft.errors import UserError
+from lmdiff_ft.tasks import load_task
+from lmdiff_ft.train import run_sft
+
+PLANETS = [("Mars", "Venus"), ("Jupiter", "Saturn")]
+
+
+def pairs(n: int, offset: int = 0) -> list[dict]:
+    """Held-out prompts are new questions; what generalises is which kind of answer is preferred."""
+    return [
+        {
+            "prompt": f"Which planet does probe {i + offset} study?",
+            "chosen": PLANETS[i % 2][0],
+            "rejected": PLANETS[i % 2][1],
+        }
+        for i in range(n)
+    ]
+
+
+def dpo_body(init_adapter: str | None) -> str:
+    adapter = (
+        f"adapter: {{init_adapter: {init_adapter}}}\n" if init_adapter else "adapter: {r: 8, alpha: 16, dropout: 0.0}\n"
+    )
+    return (
+        adapter
+        + """
+data: {train: pairs.jsonl, eval: heldout.jsonl, fields: {prompt: prompt}}
+preference: {beta: 0.5, loss_type: sigmoid}
+train: {max_steps: 12, batch_size: 8, lr: 1.0e-2, logging_steps: 2, save_steps: 100, max_length: 64}
+eval: {num_samples: 2, train_samples: 0, max_new_tokens: 4}
+"""
+    )
+
+
+@pytest.fixture
+def sft_adapter(tmp_path, tiny_base_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(16)])
+    run_sft(load_task(write_task(tmp_path, tiny_base_path, QA_BODY, name="sft")))
+    return tmp_path / "runs" / "sft"
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", pairs(32))
+    write_jsonl(tmp_path / "heldout.jsonl", pairs(16, offset=100))
+
+
+@pytest.mark.slow
+def test_dpo_from_an_sft_adapter_on_a_4bit_base(tmp_path, tiny_base_path, sft_adapter, pair_files, capsys):
+    task = write_task(tmp_path, tiny_base_path, dpo_body(str(sft_adapter)), name="dpo").replace(
+        "quantization: none", "quantization: nf4"
+    )
+    text = (tmp_path / "dpo.yaml").read_text().replace("quantization: none", "quantization: nf4")
+    (tmp_path / "dpo.yaml").write_text(text)
+    metrics = run_dpo(load_task(task))
+    before, after = metrics["before"], metrics["after"]
+    assert before["preference_accuracy"] == before["reference_preference_accuracy"]
+    assert after["preference_accuracy"] > before["preference_accuracy"]
+    assert after["reward_margin"] > 0 == before["reward_margin"]
+    # the reference is the SFT adapter, frozen: its log-probs do not move
+    assert after["reference_logprob_sum"] == before["reference_logprob_sum"]
+    assert after["reference_preference_accuracy"] == before["reference_preference_accuracy"]
+    # and DPO is scored on the SFT task too, so a user sees what it did there
+    assert {"sft_eval_loss", "sft_eval_exact_match"} <= after.keys()
+    assert "reference model unchanged by training: yes" in capsys.readouterr().out
+    out = tmp_path / "runs" / "dpo"
+    assert json.loads((out / "metrics.json").read_text())["after"] == after
+    assert not (out / "ref").exists(), "only the trained adapter is published"
+
+
+@pytest.mark.slow
+def test_dpo_from_the_base(tmp_path, tiny_base_path, pair_files):
+    metrics = run_dpo(load_task(write_task(tmp_path, tiny_base_path, dpo_body(None), name="dpo")))
+    assert metrics["after"]["preference_accuracy"] > metrics["before"]["preference_accuracy"]
+    assert metrics["after"]["reference_logprob_sum"] == metrics["before"]["reference_logprob_sum"]
+
+
+def test_dry_run_shows_pairs_and_token_counts(tmp_path, tiny_base_path, pair_files, capsys):
+    task = write_task(tmp_path, tiny_base_path, dpo_body(None), name="dpo")
+    assert main(["dpo", task, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pair 1: prompt" in out and "chosen: 'Mars</s>\\n'" in out and "32 pairs" in out
+    assert not (tmp_path / "runs" / "dpo").exists()
+
+
+@pytest.mark.parametrize(
+    "bad_row, expected",
+    [
+        ({"prompt": "Which?", "chosen": "Mars", "rejected": "Mars"}, "row 3: chosen and rejected are the same"),
+        ({"prompt": "Which?", "chosen": "", "rejected": "Venus"}, "row 3:"),
+        ({"prompt": "Which?", "chosen": "Mars"}, "row 3: missing field 'rejected'"),
+    ],
+)
+def test_bad_pairs_are_named_by_row(tmp_path, tiny_base_path, pair_files, bad_row, expected):
+    write_jsonl(tmp_path / "pairs.jsonl", pairs(2) + [bad_row])
+    with pytest.raises(UserError, match=expected):
+        run_dpo(load_task(write_task(tmp_path, tiny_base_path, dpo_body(None), name="dpo")), dry_run=True)
