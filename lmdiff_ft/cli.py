@@ -57,6 +57,32 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     run_dpo(load_task(args.task, args.overrides), dry_run=args.dry_run, resume=args.resume)
 
 
+def cmd_app(args: argparse.Namespace) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+    from .app import serve
+    from .compare import Limits
+
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
+    serve(args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import evaluate_models
+    from .tasks import load_task
+
+    results = evaluate_models(load_task(args.task, args.overrides), args.adapter)
+    table = Table(title=f"evaluation on {args.task}")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for key in next(iter(results.values())):
+        table.add_row(key, *(f"{r[key]:.4f}" for r in results.values()))
+    Console().print(table)
+
+
 def add_training_command(commands, name: str, handler, help: str) -> None:
     parser = commands.add_parser(name, help=help)
     parser.add_argument("task", help="task YAML file")
@@ -79,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_command(commands, "sft", cmd_sft, "supervised fine-tuning of a LoRA adapter (TRL SFTTrainer)")
     add_training_command(commands, "dpo", cmd_dpo, "preference tuning (TRL DPOTrainer), reference = frozen adapter")
+
+    evaluate = commands.add_parser("eval", help="evaluate the base and adapters on a task's data, side by side")
+    evaluate.add_argument("task", help="task YAML file (its data, template and eval settings are used)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=100")
+    evaluate.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable)")
+    evaluate.set_defaults(handler=cmd_eval)
 
     convert = commands.add_parser("convert", help="convert a Llama checkpoint to LM-Diff (function-preserving)")
     convert.add_argument("src", help="Llama checkpoint directory, or a Hub id where there is network")
@@ -108,12 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     merge.set_defaults(handler=cmd_merge)
+
+    app = commands.add_parser("app", help="compare the base and adapters side by side in the browser (Gradio)")
+    app.add_argument("runs", nargs="*", default=["runs"], help="run dirs, or dirs of runs (default: runs)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    app.add_argument("--base", help="the base to serve (default: the one the first run was trained on)")
+    app.add_argument("--quantization", choices=["auto", "nf4", "fp4", "int8", "none"], help="default: the task's")
+    app.add_argument("--data-dir", default="runs/app", help="where votes.jsonl is written (default: runs/app)")
+    app.add_argument("--max-new-tokens", type=int, default=256, help="the cap on new tokens per column")
+    app.add_argument("--max-prompt-chars", type=int, default=4000, help="the cap on the prompt's length")
+    app.set_defaults(handler=cmd_app)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after options too (`sft task.yaml --dry-run train.lr=1e-4`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.handler(args)
     except UserError as exc:

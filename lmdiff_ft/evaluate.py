@@ -152,3 +152,42 @@ def answer_nll(model, tokenizer, rows: Dataset) -> float:
     answers = [row["completion"] if "completion" in row else row["messages"][-1:] for row in rows]
     sums, counts = completion_logprobs(model, tokenizer, prompts, answers)
     return (-sums.sum() / counts.sum()).item()
+
+
+def evaluate_models(task, adapter_dirs: list[str]) -> dict[str, dict[str, float]]:
+    """`lmdiff-ft eval`: the base and each adapter on the task's data, one base in memory for all."""
+    from .adapters import load_adapter
+    from .dpo import prepare_pairs
+    from .loading import load_base
+    from .train import prepare_rows
+
+    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
+    tokenizer = base.tokenizer
+    model = base.model
+    names = ["base"]
+    for i, directory in enumerate(adapter_dirs):
+        model = load_adapter(model, directory, base.fingerprint, adapter_name=f"adapter{i}")
+        names.append(directory)
+
+    def score_current() -> dict[str, float]:
+        if task.preference is not None:
+            _, pairs = prepare_pairs(task)
+            logprobs = preference_logprobs(model, tokenizer, pairs)
+            return {"preference_accuracy": (logprobs["chosen"] > logprobs["rejected"]).float().mean().item()}
+        train_rows, eval_rows = prepare_rows(task)
+        loss = answer_nll(model, tokenizer, eval_rows)
+        results = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        for rows, split in ((eval_rows, "eval"), (train_rows, "train")):
+            results.update(generation_metrics(model, tokenizer, rows, task.eval, split)[0])
+        return results
+
+    results = {}
+    for i, name in enumerate(names):
+        if i == 0 and len(names) > 1:
+            with model.disable_adapter():
+                results[name] = score_current()
+        else:
+            if i > 0:
+                model.set_adapter(f"adapter{i - 1}")
+            results[name] = score_current()
+    return results

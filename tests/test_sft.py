@@ -182,6 +182,15 @@ def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny
         run_sft(load_task(qa_task))
 
 
+@pytest.mark.slow
+def test_eval_compares_the_base_and_adapters(qa_task, tmp_path, capsys):
+    run_sft(load_task(qa_task))
+    adapter = str(tmp_path / "runs" / "qa")
+    assert main(["eval", qa_task, "--adapter", adapter, "eval.num_samples=2", "eval.train_samples=0"]) == 0
+    out = capsys.readouterr().out
+    assert "eval_loss" in out and "base" in out and adapter[-20:] in out
+
+
 def run_cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
