@@ -83,6 +83,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_env(args: argparse.Namespace) -> None:
+    from .environment import print_environment
+
+    print_environment(as_json=args.json)
+
+
 def add_training_command(commands, name: str, handler, help: str) -> None:
     parser = commands.add_parser(name, help=help)
     parser.add_argument("task", help="task YAML file")
@@ -152,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--max-new-tokens", type=int, default=256, help="the cap on new tokens per column")
     app.add_argument("--max-prompt-chars", type=int, default=4000, help="the cap on the prompt's length")
     app.set_defaults(handler=cmd_app)
+
+    env = commands.add_parser("env", help="versions, devices and whether 4-bit works here (for bug reports)")
+    env.add_argument("--json", action="store_true", help="machine-readable output")
+    env.set_defaults(handler=cmd_env)
     return parser
 
 

@@ -24,6 +24,7 @@ from .evaluate import answer_nll, completion_token_ids, generation_metrics, pref
 from .tasks import Task, load_task
 from .train import (
     adapter_dtypes_kept,
+    check_distributed_setup,
     is_main_process,
     load_model,
     metrics_before,
@@ -92,7 +93,8 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
 
 
 def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
-    console = console or Console()
+    console = console or Console(quiet=not is_main_process())  # one copy of every message under accelerate launch
+    check_distributed_setup()
     out, checkpoint = run_directory(task, resume)
     set_seed(task.train.seed)
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import get_int_from_env
 from datasets import Dataset
 from rich.console import Console
 from transformers import set_seed
@@ -30,7 +31,7 @@ from .adapters import attach_adapters, base_info, load_adapter, write_base_info
 from .data import ROW_COLUMN, load_splits, source_name, to_sft_rows
 from .errors import UserError
 from .evaluate import generation_metrics, loss_metrics
-from .loading import LoadedBase, load_base
+from .loading import LoadedBase, default_device, load_base
 from .outputs import publish_run
 from .report import model_card, plot_loss_curve, print_label_preview, print_metrics_table, write_json
 from .tasks import Task
@@ -39,7 +40,17 @@ BEFORE_FILE = "metrics_before.json"  # written at the start of a fresh run, read
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
+    """Rank 0 of a distributed run (torchrun/accelerate set RANK; mpirun sets its own), or a single process."""
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+
+
+def check_distributed_setup() -> None:
+    """Refuse FSDP1 before any work: the evaluation before/after training calls the model outside FSDP1's
+    forward, where its flattened, sharded parameters are unusable. FSDP2 (configs/accelerate/fsdp.yaml) gathers
+    them in every module's own forward, so evaluation and generation work unchanged."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and os.environ.get("FSDP_VERSION", "1") == "1":
+        raise UserError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (configs/accelerate/)")
 
 
 def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | None]:
@@ -143,6 +154,9 @@ def training_arguments(task: Task, out: Path, base: LoadedBase, config_class=SFT
         fp16=base.dtype == torch.float16,
         report_to=["tensorboard"],
         dataloader_num_workers=0,
+        # train where the base was loaded. On a machine without GPUs accelerate starts a (gloo) process group only
+        # for a CPU run: without this, `accelerate launch --multi_gpu`/torchrun ranks would each train on all data
+        use_cpu=default_device().type == "cpu",
         **extra,
     )
 
@@ -208,24 +222,59 @@ def metrics_before(out: Path, checkpoint: str | None, compute) -> dict:
     return before
 
 
+def gathered_state_dict(trainer) -> dict | None:
+    """The full weights where FSDP or ZeRO-3 split them across ranks: a collective (every rank calls it, rank 0
+    gets the tensors). None elsewhere: every rank holds the whole model and PEFT reads it directly."""
+    state = trainer.accelerator.state
+    zero3 = trainer.is_deepspeed_enabled and state.deepspeed_plugin.zero_stage == 3
+    if trainer.is_fsdp_enabled or zero3:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return None
+
+
+def unprepare_after_evaluation(trainer) -> None:
+    """Let `train()` wrap the model for DDP although `evaluate()` ran before it.
+
+    The first `evaluate()` prepares the model for evaluation only (no DDP wrapper) and accelerate marks it as
+    prepared, so `train()` then skips the wrapper: every rank would train its own copy on its shard of the data
+    and nothing would average the gradients. Undoing the mark (and the autocast wrapper evaluation added) leaves
+    the model as if never prepared. FSDP and DeepSpeed prepare fully in `evaluate()`, so they are left alone.
+    """
+    model, accelerator = trainer.model, trainer.accelerator
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or not getattr(model, "_is_accelerate_prepared", False):
+        return
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores model.forward in place
+    del model._is_accelerate_prepared
+    accelerator._models = [m for m in accelerator._models if m is not model]
+
+
 def train_and_publish(
     trainer, task: Task, base: LoadedBase, checkpoint, before: dict, evaluate, summary: dict, console: Console
 ) -> dict | None:
-    """Steps 6-8 of every recipe: train, evaluate after, print the table, publish the run."""
+    """Steps 6-8 of every recipe: train, evaluate after, print the table, publish the run.
+
+    Under `accelerate launch` every rank trains, evaluates (the same rows: under FSDP2/ZeRO-3 a forward is a
+    collective, so all ranks must run the same ones) and takes part in gathering the weights; rank 0 alone
+    prints and writes. No collective follows the gather, so the other ranks may leave while rank 0 writes.
+    """
+    # counted before training shards the parameters (ZeRO-3 leaves each rank an empty tensor, its size in ds_numel)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
+    unprepare_after_evaluation(trainer)
     started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - started
     after, samples = evaluate()
+    state_dict = gathered_state_dict(trainer)
     if not is_main_process():
         return None
     print_metrics_table(before, after, console, title=f"{task.name}: before → after")
-    model = trainer.model
+    model = trainer.accelerator.unwrap_model(trainer.model)
     metrics = {
         "before": before,
         "after": after,
         "train_seconds": round(train_seconds, 1),
         "global_step": trainer.state.global_step,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         "samples": samples,
     }
     summary = {
@@ -241,7 +290,7 @@ def train_and_publish(
     }
 
     def write(directory: Path) -> None:
-        model.save_pretrained(directory, selected_adapters=["default"])
+        model.save_pretrained(directory, selected_adapters=["default"], state_dict=state_dict)
         trainer.processing_class.save_pretrained(directory)
         write_base_info(directory, base_info(model.get_base_model(), base.path, base.fingerprint))
         write_json(directory / "metrics.json", metrics)
@@ -257,7 +306,8 @@ def train_and_publish(
 
 
 def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
-    console = console or Console()
+    console = console or Console(quiet=not is_main_process())  # one copy of every message under accelerate launch
+    check_distributed_setup()
     out, checkpoint = run_directory(task, resume)
     set_seed(task.train.seed)
 
