@@ -24,7 +24,6 @@ from accelerate.utils import get_int_from_env
 from datasets import Dataset
 from rich.console import Console
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from .adapters import attach_adapters, base_info, load_adapter, write_base_info
@@ -53,28 +52,42 @@ def check_distributed_setup() -> None:
         raise UserError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (configs/accelerate/)")
 
 
+def is_complete_checkpoint(directory: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so a checkpoint cut short by a kill lacks a readable one."""
+    try:
+        json.loads((directory / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N directories, newest first."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
 def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | None]:
-    """The output dir and the checkpoint to resume from. A finished run is never silently overwritten, and
-    an interrupted one is only continued when asked."""
+    """The output dir and the checkpoint to resume from. A finished run is never silently overwritten, an
+    interrupted one is only continued when asked, and a checkpoint cut short by the interruption is skipped."""
     out = Path(task.output_dir)
-    finished = (out / "adapter_config.json").is_file()
-    if finished:
+    if (out / "adapter_config.json").is_file():
         raise UserError(f"{out}: holds a finished run (adapter_config.json); delete it or set output_dir")
+    found = checkpoints(out)
     if resume is None or resume is False:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is not None:
+        if found:
             raise UserError(
-                f"{out}: holds an interrupted run ({Path(last).name}); continue it with --resume or delete it"
+                f"{out}: holds an interrupted run ({found[0].name}); continue it with --resume or delete it"
             )
         return out, None
     if resume is True:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise UserError(f"{out}: no checkpoint-N to resume from")
-        return out, last
+        complete = [c for c in found if is_complete_checkpoint(c)]
+        if not complete:
+            raise UserError(f"{out}: no complete checkpoint-N to resume from")
+        return out, str(complete[0])
     checkpoint = Path(resume)
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise UserError(f"{checkpoint}: not a checkpoint directory (no trainer_state.json)")
+    if not is_complete_checkpoint(checkpoint):
+        raise UserError(f"{checkpoint}: not a complete checkpoint directory (no readable trainer_state.json)")
     return out, str(checkpoint)
 
 

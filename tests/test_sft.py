@@ -235,3 +235,20 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(qa_task, tmp_path):
     assert got.keys() == expected.keys()
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    from lmdiff_ft.train import run_directory
+
+    out = tmp_path / "runs" / "qa"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    (out / "checkpoint-6").mkdir()
+    (out / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')  # killed while writing
+    (out / "checkpoint-8").mkdir()  # killed before the state was written
+    task = type("T", (), {"output_dir": str(out)})()
+    assert run_directory(task, True) == (out, str(out / "checkpoint-4"))
+    with pytest.raises(UserError, match="interrupted run \\(checkpoint-8\\)"):
+        run_directory(task, None)
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        run_directory(task, str(out / "checkpoint-6"))
