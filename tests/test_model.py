@@ -205,3 +205,15 @@ def test_gradient_checkpointing_matches(random_lmdiff):
     assert torch.allclose(plain, checkpointed)
     for name, grad in grads.items():
         assert torch.allclose(grad, dict(random_lmdiff.named_parameters())[name].grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_a_model_built_from_scratch_starts_with_neutral_components(rank):
+    model = LmDiffForCausalLM(tiny_lmdiff_config(adaptive_norm_rank=rank))
+    for layer in model.model.layers:
+        last_gamma = layer.input_layernorm.fc_gamma if rank is None else layer.input_layernorm.fc_gamma[-1]
+        for zero in (last_gamma, layer.token_mixing.conv, layer.se_gate.fc2):
+            assert zero.weight.abs().max() == 0 and zero.bias.abs().max() == 0
+        assert layer.se_gate.fc1.weight.abs().max() > 0
+        lam = layer.self_attn.diff_lambda
+        assert 0.05 < lam.lambda_q1.std() < 0.2 and not torch.equal(lam.lambda_q1, lam.lambda_q2)
