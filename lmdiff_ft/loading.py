@@ -3,12 +3,15 @@
 Quantization goes through transformers' `BitsAndBytesConfig`. Only the big projections are quantized;
 the small, sensitive tensors stay in full precision: λ vectors, norms and the token-mixing conv are not
 `nn.Linear` and are never touched, biases stay in the compute dtype, and the SE gate (two small linears,
-often starting at exactly zero) and `lm_head` are skipped explicitly.
+often starting at exactly zero) and `lm_head` are skipped explicitly. A quantized base is read tensor by tensor
+without mapping the checkpoint (`streaming.py`), so its peak memory is that of the quantized model.
 """
 
+import ctypes
 import hashlib
 import json
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from .modeling import LmDiffConfig
 QUANTIZATIONS = ("auto", "nf4", "fp4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOT_QUANTIZED = ["lm_head", r".*\.se_gate"]  # patterns in transformers' `llm_int8_skip_modules` syntax
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+LARGE_CHECKPOINT_BYTES = 1 << 30  # above this, peak memory matters more than the allocator's page faults
 
 
 @dataclass
@@ -55,6 +60,36 @@ def bitsandbytes_available() -> bool:
     return True
 
 
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library if it is glibc, whose malloc the two functions below tune; else None."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        return ctypes.CDLL("libc.so.6")
+    return None
+
+
+def pin_malloc_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its initial 128 KiB so that large freed buffers go back to the OS at once.
+
+    After the first large free glibc raises the threshold (up to 32 MiB) and from then on serves the temporaries
+    of a CPU training step (activations; in QLoRA every quantized weight, dequantized in every matmul) from its
+    heap, where the small long-lived tensors allocated between them pin the freed pages: for a TinyLlama-sized
+    nf4 base, load + one training step peaks at about twice the memory (bench/qlora_memory.py). The price is a
+    page fault per page of each large allocation. A no-op off glibc.
+    """
+    if (libc := glibc()) is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def trim_malloc_heap() -> None:
+    """Hand the free pages that glibc keeps inside its heap back to the OS (a no-op off glibc)."""
+    if (libc := glibc()) is not None:
+        libc.malloc_trim(0)
+
+
 def choose_quantization(requested: str) -> str:
     if requested not in QUANTIZATIONS:
         raise UserError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
@@ -76,16 +111,32 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def parameters_sharded() -> bool:
+    """True under `accelerate launch` with FSDP or DeepSpeed ZeRO-3, which shard the base's own weights."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    zero3 = (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
+    return fsdp or zero3
+
+
 def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if quantization == "none":
         return None
     if quantization == "int8":
+        if parameters_sharded():
+            raise UserError("quantization: int8 weights cannot be sharded by FSDP/ZeRO-3; use nf4, fp4 or none")
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=True,
+        # FSDP/ZeRO-3 shard tensors of one dtype: 4-bit weights packed into the compute dtype shard with the rest
+        # (packed as uint8 they would stay whole on every GPU). It must equal the compute dtype, or the cast
+        # while gathering would destroy the packed bits.
+        bnb_4bit_quant_storage=dtype if parameters_sharded() else torch.uint8,
         llm_int8_skip_modules=NOT_QUANTIZED,
     )
 
@@ -177,10 +228,12 @@ def load_base(
     device = device or default_device()
     chosen = choose_quantization(quantization)
     compute_dtype = choose_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=compute_dtype,
-        quantization_config=quantization_config(chosen, compute_dtype),
-        device_map={"": device},
-    )
+    if device.type == "cpu" and checkpoint_bytes(path) > LARGE_CHECKPOINT_BYTES:
+        pin_malloc_mmap_threshold()  # halves the peak of a TinyLlama-sized QLoRA step; costs time on small models
+    if chosen == "none":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map={"": device})
+    else:
+        from .streaming import load_quantized_streaming  # it imports this module
+
+        model = load_quantized_streaming(path, chosen, compute_dtype, device)
     return LoadedBase(model, load_tokenizer(path), path, chosen, compute_dtype, checkpoint_fingerprint(path))
