@@ -119,7 +119,8 @@ def build_attention_mask(
 
 class LmDiffCacheLayer(DynamicLayer):
     """One layer's decoding state: keys and values of both attention branches (stacked on the head axis,
-    [k1; k2] and [v; v]), the token-mixing conv's last K−1 inputs, and the running sums of the context and the SE squeeze.
+    [k1; k2] and [v; v]), the token-mixing conv's last K−1 inputs, and the running sums of the context and
+    the SE squeeze.
 
     Keys and values are written in place into buffers that double when full (`keys`/`values` are views of
     their filled part), so a decode step writes one token where `DynamicLayer`'s `torch.cat` copies the
