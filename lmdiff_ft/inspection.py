@@ -17,7 +17,7 @@ def module_kind(parameter_name: str) -> str:
 
 
 def inspect_base(base: str, presets: list[str], layers: list[int] | None, quantization: str, r: int) -> dict:
-    loaded = load_base(base, quantization=quantization)
+    loaded = load_base(base, quantization=quantization, with_tokenizer=False)
     total_base = loaded.model.num_parameters()  # counts 4-bit weights unpacked
     footprint = loaded.model.get_memory_footprint()
     targets = resolve_targets(loaded.model, presets, layers)

@@ -32,7 +32,7 @@ LARGE_CHECKPOINT_BYTES = 1 << 30  # above this, peak memory matters more than th
 @dataclass
 class LoadedBase:
     model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None when loaded for inspection only
     path: Path
     quantization: str
     dtype: torch.dtype
@@ -211,6 +211,7 @@ def load_base(
     convert_from_llama: bool = False,
     seed: int = 0,
     device: torch.device | None = None,
+    with_tokenizer: bool = True,
 ) -> LoadedBase:
     """Load an LM-Diff base (quantized as asked) and its tokenizer. Used by every command."""
     path = resolve_base_path(base, seed)
@@ -236,4 +237,5 @@ def load_base(
         from .streaming import load_quantized_streaming  # it imports this module
 
         model = load_quantized_streaming(path, chosen, compute_dtype, device)
-    return LoadedBase(model, load_tokenizer(path), path, chosen, compute_dtype, checkpoint_fingerprint(path))
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    return LoadedBase(model, tokenizer, path, chosen, compute_dtype, checkpoint_fingerprint(path))
