@@ -1,0 +1,283 @@
+"""What every benchmark shares: command-line flags, the three model variants with their LoRA adapters,
+timing that is correct on CUDA, step peak memory, the machine's GEMM rate, and table/JSON output.
+
+Variants are always measured interleaved in one process (round-robin over repeats, median per variant)
+so that the load of whatever else runs on the machine hits all of them alike; compare ratios.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lmdiff_ft.convert import lmdiff_config_from_llama
+from lmdiff_ft.modeling import LmDiffForCausalLM
+
+from .naive_lmdiff import NaiveLmDiffForCausalLM
+
+RESULTS_DIR = Path(__file__).parent / "results"
+MIB = 2**20
+
+LORA_RANK = 16
+LMDIFF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q2_proj", "k2_proj", "se_gate.fc1", "se_gate.fc2"]
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+VARIANTS = ("lmdiff", "llama", "naive")
+VARIANT_LABELS = {
+    "lmdiff": "LM-Diff (ours)",
+    "llama": "Llama (transformers, sdpa)",
+    "naive": "LM-Diff naive reference",
+}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Model dimensions; the defaults are one TinyLlama-1.1B layer, with fewer layers."""
+
+    layers: int = 2
+    hidden: int = 2048
+    intermediate: int = 5632
+    heads: int = 32
+    kv_heads: int = 4
+    vocab: int = 32000
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    defaults = Dims()
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--layers", type=int, default=defaults.layers)
+    parser.add_argument("--hidden", type=int, default=defaults.hidden)
+    parser.add_argument("--intermediate", type=int, default=defaults.intermediate)
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
+    parser.add_argument("--vocab", type=int, default=defaults.vocab)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<script>.json)")
+
+
+def dims_from_args(args: argparse.Namespace) -> Dims:
+    return Dims(args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Apply --threads and check --device; returns the device and dtype to benchmark in."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but torch sees no CUDA device")
+    return device, getattr(torch, args.dtype)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine slows every variant, and small ops most."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def shared_config_fields(dims: Dims) -> dict:
+    return dict(
+        vocab_size=dims.vocab,
+        hidden_size=dims.hidden,
+        intermediate_size=dims.intermediate,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build_model(variant: str, dims: Dims, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A randomly initialised model. LM-Diff uses the config `lmdiff-ft convert` gives the same Llama (every
+    component on, subln off): the model users fine-tune. Random weights: the speed does not depend on them."""
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(**shared_config_fields(dims), attn_implementation="sdpa")
+    with device:
+        if variant == "llama":
+            model = LlamaForCausalLM(llama_config)
+        elif variant == "lmdiff":
+            model = LmDiffForCausalLM(lmdiff_config_from_llama(llama_config))
+        elif variant == "naive":
+            model = NaiveLmDiffForCausalLM(lmdiff_config_from_llama(llama_config))
+        else:
+            raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
+    return model.to(dtype)
+
+
+def lora_config(variant: str) -> LoraConfig:
+    """r=16 on the attention projections (and, for LM-Diff, q2/k2 and the SE gate); LM-Diff also trains λ."""
+    if variant == "llama":
+        return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LLAMA_LORA_TARGETS)
+    return LoraConfig(
+        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LMDIFF_LORA_TARGETS, modules_to_save=["diff_lambda"]
+    )
+
+
+def build_lora_model(variant: str, dims: Dims, device: torch.device, dtype: torch.dtype) -> PeftModel:
+    return get_peft_model(build_model(variant, dims, device, dtype), lora_config(variant))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn(), with queued GPU work drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int = 4096) -> Callable[[], float]:
+    """A timer of one size×size×size `torch.mm`: call it once per round, interleaved with the variants."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: thread pool, cuBLAS handle
+    return lambda: time_call(lambda: torch.mm(a, b), device)
+
+
+def gemm_flops(size: int = 4096) -> float:
+    return 2.0 * size**3
+
+
+MEMORY_NOTE = {
+    "cuda": "step peak = torch.cuda.max_memory_allocated during one training step minus memory allocated before it",
+    "cpu": "step peak = process peak RSS (VmHWM, reset before the step) minus RSS before the step",
+}
+
+
+def _reset_peak_rss() -> bool:
+    """Linux can reset the process's peak RSS (VmHWM) by writing 5 to /proc/self/clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS so that the baseline RSS holds only live tensors."""
+    gc.collect()
+    if platform.system() == "Linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _sampled_peak_rss(fn: Callable[[], object], interval_s: float = 0.001) -> int:
+    """Fallback where VmHWM cannot be reset: sample RSS from a thread while fn runs."""
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], process.memory_info().rss)
+
+
+def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory that one call of fn adds on top of what is already held (weights, optimizer state)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    _trim_heap()
+    before = psutil.Process().memory_info().rss
+    if _reset_peak_rss():
+        fn()
+        return _peak_rss() - before
+    return _sampled_peak_rss(fn) - before
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of parameters, buffers, gradients and optimizer state: what stays allocated between steps."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    return sum(unique.values())
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu_model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu_model = names[0] if names else cpu_model
+    info = {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "load_average_1min": load_average(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """rows of dicts; columns as (key, header). Floats print with 3 significant digits."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return "-" if value is None else str(value)
+
+    table = [[header for _, header in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for i, line in enumerate(table):
+        print("  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def write_json(script: str, args: argparse.Namespace, device: torch.device, payload: dict) -> Path:
+    path = args.out or RESULTS_DIR / f"{script}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    document = {"machine": machine_info(device), "dims": asdict(dims_from_args(args)), "flags": flags, **payload}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
