@@ -1,0 +1,132 @@
+"""Peak process memory and step time of DPO vs SFT on the same base, quantization and sequence length.
+
+    python -m bench.dpo_memory [--checkpoint runs/bench/tinyllama-dims-lmdiff-2l] [--quantization nf4]
+
+Each trainer runs in a fresh process: load the base, attach the default presets, build TRL's trainer
+exactly as `lmdiff-ft sft` / `lmdiff-ft dpo` do, and train two steps on rows of `--seq-len` tokens
+(a DPO row is a prompt with two answers of that total length, so it costs two sequences). DPO's
+reference is the frozen copy of the adapter on the same base, so no second model is loaded. Peak is
+the process's VmHWM. The checkpoint is the random TinyLlama-dims LM-Diff that
+`python -m bench.qlora_memory --layers 2` writes (2 layers to fit the time); the tokenizer is the tiny base's.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_FILE = Path(__file__).parent / "results" / "dpo_memory.json"
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def rows(kind: str, seq_len: int, n: int = 8) -> list[dict]:
+    """~seq_len tokens per example with the tiny tokenizer (one word ≈ one token for these words)."""
+    words = ("apollo mars voyager orbit rocket lunar probe saturn " * (seq_len // 8 + 1)).split()
+    prompt, answer = " ".join(words[: seq_len // 2]), " ".join(words[: seq_len // 2])
+    if kind == "sft":
+        return [{"prompt": prompt, "completion": answer} for _ in range(n)]
+    return [{"prompt": prompt, "chosen": answer, "rejected": answer + " wrong"} for _ in range(n)]
+
+
+def worker(kind: str, checkpoint: str, quantization: str, seq_len: int) -> dict:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from lmdiff_ft.adapters import DEFAULT_PRESETS, attach_adapters
+    from lmdiff_ft.loading import load_base, load_tokenizer
+    from lmdiff_ft.tiny import tiny_base_dir
+    from lmdiff_ft.train import adapter_dtypes_kept
+
+    started = time.perf_counter()
+    base = load_base(checkpoint, quantization=quantization, with_tokenizer=False)
+    load_s = time.perf_counter() - started
+    tokenizer = load_tokenizer(tiny_base_dir())
+    model = attach_adapters(base.model, DEFAULT_PRESETS, gradient_checkpointing=True, r=16, alpha=32)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        max_length=seq_len + 8,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=[],
+        save_strategy="no",
+        bf16=base.dtype == torch.bfloat16,
+        use_cpu=base.model.device.type == "cpu",
+        logging_steps=1,
+        learning_rate=1e-4,
+        dataloader_num_workers=0,
+    )
+    data = Dataset.from_list(rows(kind, seq_len))
+    with adapter_dtypes_kept(model):
+        if kind == "sft":
+            trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+        else:
+            trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    step_s = (time.perf_counter() - started) / 2
+    return {
+        "trainer": kind,
+        "load_s": round(load_s, 1),
+        "step_s": round(step_s, 1),
+        "peak_rss_gb": round(peak_rss_gb(), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/bench/tinyllama-dims-lmdiff-2l")
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE)
+    parser.add_argument("--worker", choices=["sft", "dpo"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.checkpoint, args.quantization, args.seq_len)))
+        return
+    results = []
+    for kind in ("sft", "dpo"):
+        command = [
+            sys.executable,
+            "-m",
+            "bench.dpo_memory",
+            "--worker",
+            kind,
+            "--checkpoint",
+            args.checkpoint,
+            "--quantization",
+            args.quantization,
+            "--seq-len",
+            str(args.seq_len),
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(results[-1], flush=True)
+    ratio = results[1]["peak_rss_gb"] / results[0]["peak_rss_gb"]
+    summary = {
+        "command": "python -m bench.dpo_memory",
+        "checkpoint": args.checkpoint,
+        "quantization": args.quantization,
+        "seq_len": args.seq_len,
+        "rows": results,
+        "dpo_over_sft_peak": round(ratio, 3),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"DPO peak / SFT peak = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
