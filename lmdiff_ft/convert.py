@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .errors import UserError
+from .loading import hub_snapshot
 from .modeling import LmDiffConfig, LmDiffForCausalLM
 from .modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm, LmDiffSEGate
 from .outputs import atomic_output_dir
@@ -130,15 +131,7 @@ def resolve_source(src: str) -> Path:
         return path
     if src.startswith((".", "/", "~")) or src.count("/") != 1:
         raise UserError(f"{src}: no such directory (expected a Llama checkpoint directory or a Hub id org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        allow = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
-        return Path(snapshot_download(src, allow_patterns=allow))
-    except Exception as exc:  # network, auth or unknown repo: all are the user's to fix
-        raise UserError(
-            f"{src}: not a local directory, and the Hub download failed ({exc.__class__.__name__})"
-        ) from exc
+    return hub_snapshot(src)
 
 
 def load_llama_config(directory: Path) -> LlamaConfig:

@@ -154,13 +154,19 @@ def resolve_base_path(base: str, seed: int = 0) -> Path:
         return path
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
         raise UserError(f"base: {base}: no such directory (expected 'tiny', a checkpoint directory or a Hub id)")
+    return hub_snapshot(base, "base: ")
+
+
+def hub_snapshot(repo_id: str, key: str = "") -> Path:
+    """A Hub checkpoint's safetensors, config and tokenizer files (never pickles), downloaded or cached."""
     try:
         from huggingface_hub import snapshot_download
 
         allow = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
-        return Path(snapshot_download(base, allow_patterns=allow))
+        return Path(snapshot_download(repo_id, allow_patterns=allow))
     except Exception as exc:  # offline, unknown repo, auth: the user's to fix
-        raise UserError(f"base: {base}: not a local directory and not downloadable ({exc.__class__.__name__})") from exc
+        reason = exc.__class__.__name__
+        raise UserError(f"{key}{repo_id}: not a local directory and not downloadable ({reason})") from exc
 
 
 def converted_llama_dir(llama_dir: Path) -> Path:
