@@ -62,7 +62,8 @@ def load_quantized_streaming(
             quantization_config=quantization_config(quantization, dtype),
             device_map={"": device},
         )
-    model.config.name_or_path = str(path)  # as from_pretrained(path) records it; PEFT writes it into adapter configs
+    # as from_pretrained(path) records it: PEFT copies the instance attribute into adapter_config.json
+    model.config.name_or_path = model.name_or_path = str(path)
     # the freed full-precision reads lie between the small quantized tensors that stay, which pins their pages
     trim_malloc_heap()
     return model
