@@ -188,13 +188,20 @@ def check_adapter_matches_base(model: torch.nn.Module, adapter_dir: Path, finger
     check_adapter_shapes(model, adapter_dir)
 
 
+def plain_parameter_name(name: str) -> str:
+    """The name a parameter has in the bare base, whatever PEFT wrappers hold it now."""
+    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+    return name.replace(".original_module.", ".").replace(".base_layer.", ".")
+
+
 def check_adapter_shapes(model: torch.nn.Module, adapter_dir: Path) -> None:
     """Every tensor in the adapter file must land on a module of this base with matching dims."""
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are loaded)")
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    # a base that already carries adapters names its weights ...base_layer / ...modules_to_save.<name>
+    params = {plain_parameter_name(n): p for n, p in model.named_parameters() if ".lora_" not in n}
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
