@@ -65,46 +65,43 @@ def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
 
 
 def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Every round runs every (context, cache mode, variant) once, so ratios can be taken within a round."""
     dims = dims_from_args(args)
     models = {variant: build_model(variant, dims, device, dtype).eval() for variant in DECODE_VARIANTS}
     modes = [(True, args.new_tokens)] + ([(False, args.no_cache_tokens)] if args.no_cache_tokens > 1 else [])
+    prompts = {context: torch.randint(3, dims.vocab, (1, context), device=device) for context in args.contexts}
+    cases = [(context, use_cache, new_tokens) for context in args.contexts for use_cache, new_tokens in modes]
+    for context, use_cache, _ in cases:
+        for model in models.values():
+            time_generate(model, prompts[context], 2, use_cache)  # warm-up
+    runs = {(variant, context, use_cache): [] for variant in models for context, use_cache, _ in cases}
+    for _ in range(args.repeats):
+        for context, use_cache, new_tokens in cases:
+            for variant, model in models.items():
+                runs[variant, context, use_cache].append(time_generate(model, prompts[context], new_tokens, use_cache))
+
+    shortest = min(args.contexts)
     rows = []
-    for context in args.contexts:
-        prompt = torch.randint(3, dims.vocab, (1, context), device=device)
-        for use_cache, new_tokens in modes:
-            for model in models.values():
-                time_generate(model, prompt, 2, use_cache)  # warm-up
-            runs = {variant: [] for variant in models}
-            for _ in range(args.repeats):
-                for variant, model in models.items():
-                    runs[variant].append(time_generate(model, prompt, new_tokens, use_cache))
-            for variant in models:
-                token_s = median([median(run["token_s"]) for run in runs[variant]])
-                rows.append(
-                    {
-                        "variant": variant,
-                        "label": VARIANT_LABELS[variant],
-                        "context": context,
-                        "cache": use_cache,
-                        "prefill_s": median([run["prefill_s"] for run in runs[variant]]),
-                        "token_ms": 1e3 * token_s,
-                        "tokens_per_s": 1.0 / token_s,
-                        "runs": runs[variant],
-                    }
-                )
-    add_ratios(rows)
+    for (variant, context, use_cache), variant_runs in runs.items():
+        token_s = [median(run["token_s"]) for run in variant_runs]  # per round
+        at_shortest = [median(run["token_s"]) for run in runs[variant, shortest, use_cache]]
+        row = {
+            "variant": variant,
+            "label": VARIANT_LABELS[variant],
+            "context": context,
+            "cache": use_cache,
+            "prefill_s": median([run["prefill_s"] for run in variant_runs]),
+            "token_ms": 1e3 * median(token_s),
+            "tokens_per_s": 1.0 / median(token_s),
+            "vs_shortest_context": median([t / t0 for t, t0 in zip(token_s, at_shortest, strict=True)]),
+            "runs": variant_runs,
+        }
+        if variant != "lmdiff":
+            ours = [median(run["token_s"]) for run in runs["lmdiff", context, use_cache]]
+            row["lmdiff_speed_ratio"] = median([t / t_ours for t, t_ours in zip(token_s, ours, strict=True)])
+        rows.append(row)
+    rows.sort(key=lambda row: (row["context"], not row["cache"]))
     return rows
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """Per-token time relative to the shortest context (flatness), and LM-Diff's speed relative to Llama."""
-    by_key = {(row["variant"], row["cache"], row["context"]): row for row in rows}
-    shortest = min(row["context"] for row in rows)
-    for row in rows:
-        row["vs_shortest_context"] = row["token_ms"] / by_key[(row["variant"], row["cache"], shortest)]["token_ms"]
-        if row["variant"] == "llama":
-            ours = by_key[("lmdiff", row["cache"], row["context"])]
-            row["lmdiff_speed_ratio"] = ours["tokens_per_s"] / row["tokens_per_s"]
 
 
 def main() -> None:
@@ -134,7 +131,9 @@ def main() -> None:
             ("lmdiff_speed_ratio", "LM-Diff speed x"),
         ],
     )
-    print("\nms/token: median over runs of each run's median step after the first (the first includes the prefill).")
+    print("\nms/token: median over rounds of each run's median step after the first (which includes the prefill).")
+    print("Ratios are taken within each round (all contexts and variants run once per round), then the median:")
+    print("x ms/token at shortest context = this ms/token / the same variant's at the shortest context;")
     print("LM-Diff speed x = LM-Diff tokens/s / Llama tokens/s, same context and cache mode.")
     print(f"1-minute load average before/after: {load_before} / {load_average()}.")
     payload = {"load_average": {"before": load_before, "after": load_average()}, "rows": rows}
