@@ -153,11 +153,18 @@ def median(values: list[float]) -> float:
 
 
 def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int = 4096) -> Callable[[], float]:
-    """A timer of one size×size×size `torch.mm`: call it once per round, interleaved with the variants."""
+    """A timer of one size×size×size `torch.mm`: call it once per round, interleaved with the variants.
+    On a GPU one product takes well under a millisecond, so it times a burst of them and divides."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    calls = 20 if device.type == "cuda" else 1
     torch.mm(a, b)  # warm-up: thread pool, cuBLAS handle
-    return lambda: time_call(lambda: torch.mm(a, b), device)
+
+    def burst() -> None:
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return lambda: time_call(burst, device) / calls
 
 
 def gemm_flops(size: int = 4096) -> float:

@@ -1,13 +1,16 @@
 """Training FLOPs per token of each variant under LoRA, and the machine's measured GEMM rate.
 
-Counting (per token of a forward + backward, the usual 2/4/6 rule):
-  * a frozen weight matrix costs 4 FLOPs per parameter: 2 in the forward, 2 to back-propagate the
-    activations through it (its own weight gradient is never formed);
-  * a trainable one (the LoRA A and B matrices) costs 6: forward 2, activations 2, weight gradient 2;
+Counting, per token of a forward + backward:
+  * matrix products with weights (frozen ones, LoRA A/B, lm_head) are counted by torch's FlopCounterMode
+    on a shapes-only (meta device) copy of the model running one real forward + backward: exactly the
+    products autograd runs. That is the usual 2/4/6 rule (a frozen matrix 2 in the forward and 2 to pass
+    the gradient back, a trainable one 2 more for its weight gradient) with what autograd skips left out:
+    the first layer's projections read the frozen embeddings, whose gradient nobody needs.
   * attention costs, per map, 4·heads·head_dim·(T+1)/2 in the forward (QKᵀ and A·V over the causal
     half) and twice that in the backward; LM-Diff has 2 maps per layer, Llama 1.
 The embedding (a lookup), norms, λ and the elementwise parts are not counted: they are bandwidth-bound
-and small. The naive reference gets LM-Diff's count (model FLOPs, not the extra work it does).
+and small. The naive reference runs the same weight products as LM-Diff and is credited LM-Diff's
+attention (model FLOPs, not the extra work it does).
 
     python -m bench.flops [--seq-lens 1024] [--device cuda --dtype bfloat16]
 """
@@ -16,6 +19,7 @@ import argparse
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .common import (
     VARIANT_LABELS,
@@ -32,17 +36,28 @@ from .common import (
     write_json,
 )
 
+COUNTED_TOKENS = 16  # weight products scale with the token count; attention is added analytically
+WEIGHT_PRODUCTS = ("aten.mm", "aten.addmm")  # attention shows up as bmm / SDPA and is left out here
 
-def weight_flops_per_token(model: nn.Module) -> dict[str, float]:
-    """FLOPs per token of every Linear/Conv1d weight, frozen (4/param) and trainable (6/param)."""
-    frozen = trainable = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv1d):
-            if module.weight.requires_grad:
-                trainable += module.weight.numel()
-            else:
-                frozen += module.weight.numel()
-    return {"frozen_params": frozen, "trainable_params": trainable, "weights": 4.0 * frozen + 6.0 * trainable}
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Weights of the Linear/Conv1d layers (what the products multiply by), frozen and trainable."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d)]
+    return {
+        "frozen_params": sum(w.numel() for w in weights if not w.requires_grad),
+        "trainable_params": sum(w.numel() for w in weights if w.requires_grad),
+    }
+
+
+def weight_flops_per_token(variant: str, dims: Dims) -> dict[str, float]:
+    """FLOPs per token of the weight products in one LoRA training step, counted as autograd runs them."""
+    model = build_lora_model(variant, dims, torch.device("meta"), torch.float32).train()
+    tokens = torch.zeros(1, COUNTED_TOKENS, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    weights = sum(by_op.get(op, 0) for op in WEIGHT_PRODUCTS) / COUNTED_TOKENS
+    return {**parameter_counts(model), "weights": weights}
 
 
 def attention_maps(variant: str) -> int:
@@ -55,8 +70,8 @@ def attention_flops_per_token(dims: Dims, seq_len: int, maps: int) -> float:
     return 3.0 * forward * dims.layers
 
 
-def training_flops_per_token(model: nn.Module, variant: str, dims: Dims, seq_len: int) -> dict[str, float]:
-    counts = weight_flops_per_token(model)
+def training_flops_per_token(variant: str, dims: Dims, seq_len: int) -> dict[str, float]:
+    counts = weight_flops_per_token(variant, dims)
     counts["attention"] = attention_flops_per_token(dims, seq_len, attention_maps(variant))
     counts["total"] = counts["weights"] + counts["attention"]
     return counts
@@ -72,9 +87,8 @@ def main() -> None:
 
     rows = []
     for variant in VARIANTS:
-        model = build_lora_model(variant, dims, torch.device("meta"), dtype)  # shapes only, no memory
         for seq_len in args.seq_lens:
-            counts = training_flops_per_token(model, variant, dims, seq_len)
+            counts = training_flops_per_token(variant, dims, seq_len)
             rows.append({"variant": VARIANT_LABELS[variant], "seq_len": seq_len, **counts})
     print(f"Training FLOPs per token under LoRA, dims {dims}")
     print_table(

@@ -69,9 +69,9 @@ def measure_seq_len(
         rounds.append(timings)
 
     rows = []
-    for variant, model in models.items():
-        flops = training_flops_per_token(model, variant, dims, seq_len)["total"]
-        tokens_per_step = args.batch * seq_len
+    tokens_per_step = args.batch * seq_len
+    flops = {variant: training_flops_per_token(variant, dims, seq_len)["total"] for variant in models}
+    for variant in models:
         row = {
             "variant": variant,
             "label": VARIANT_LABELS[variant],
@@ -81,12 +81,16 @@ def measure_seq_len(
             "tokens_per_s": tokens_per_step / median([r[variant] for r in rounds]),
             "step_peak_mib": peaks[variant] / MIB,
             "held_mib": held[variant] / MIB,
-            "flops_per_token": flops,
+            "flops_per_token": flops[variant],
             "gemm_flops_per_s": gemm_flops() / median([r["gemm"] for r in rounds]),
-            "mfu": median([flops * tokens_per_step / r[variant] * r["gemm"] / gemm_flops() for r in rounds]),
+            "mfu": median([flops[variant] * tokens_per_step / r[variant] * r["gemm"] / gemm_flops() for r in rounds]),
         }
         if variant != "lmdiff" and "lmdiff" in models:
             row["lmdiff_speed_ratio"] = median([r[variant] / r["lmdiff"] for r in rounds])
+            # the ratio an LM-Diff step would reach if its matrix products ran at the full GEMM rate and
+            # everything else were free: no implementation of the architecture can beat this on this machine
+            lmdiff_floor = flops["lmdiff"] * tokens_per_step / gemm_flops()
+            row["lmdiff_speed_ratio_ceiling"] = median([r[variant] / (lmdiff_floor * r["gemm"]) for r in rounds])
         rows.append(row)
     return rows
 
@@ -115,6 +119,7 @@ def main() -> None:
             ("step_s", "step s"),
             ("tokens_per_s", "tokens/s"),
             ("lmdiff_speed_ratio", "LM-Diff speed x"),
+            ("lmdiff_speed_ratio_ceiling", "x at 100% GEMM"),
             ("step_peak_mib", "step peak MiB"),
             ("held_mib", "held MiB"),
             ("mfu", "MFU"),
@@ -122,6 +127,8 @@ def main() -> None:
     )
     print(
         "\nLM-Diff speed x: LM-Diff tokens/s / this row's, median of the per-round ratios (same seq).\n"
+        "x at 100% GEMM: the most LM-Diff speed x any LM-Diff implementation could reach here, its model FLOPs\n"
+        "run at the measured GEMM rate with nothing else costing time (this row's step time / that floor).\n"
         f"{MEMORY_NOTE[device.type]}; held = parameters, buffers, grads and AdamW state.\n"
         "MFU = model training FLOPs/token (bench/flops.py) x tokens/s / GEMM rate, per round, median; GEMM rate\n"
         f"= one 4096^3 torch.mm in {args.dtype} (median {rows[0]['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)."

@@ -15,7 +15,6 @@ from pathlib import Path
 from datasets import Dataset
 from rich.console import Console
 from rich.markup import escape
-from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
@@ -24,12 +23,11 @@ from .evaluate import answer_nll, completion_token_ids, generation_metrics, pref
 from .tasks import Task, load_task
 from .train import (
     adapter_dtypes_kept,
-    check_distributed_setup,
     is_main_process,
     load_model,
     metrics_before,
     prepare_rows,
-    run_directory,
+    start_run,
     train_and_publish,
 )
 from .train import training_arguments as base_training_arguments
@@ -93,11 +91,7 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
 
 
 def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
-    console = console or Console(quiet=not is_main_process())  # one copy of every message under accelerate launch
-    check_distributed_setup()
-    out, checkpoint = run_directory(task, resume)
-    set_seed(task.train.seed)
-
+    console, out, checkpoint = start_run(task, resume, console)
     train_pairs, eval_pairs = prepare_pairs(task)
     console.print(f"data: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs")
     sft_task = sft_task_of(task)

@@ -91,6 +91,16 @@ def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | No
     return out, str(checkpoint)
 
 
+def start_run(task: Task, resume: bool | str | None, console: Console | None) -> tuple[Console, Path, str | None]:
+    """What every training command does first: one console (quiet on all but the main process under
+    accelerate launch), a checked distributed setup, the output dir and checkpoint, the seed."""
+    console = console or Console(quiet=not is_main_process())
+    check_distributed_setup()
+    out, checkpoint = run_directory(task, resume)
+    set_seed(task.train.seed)
+    return console, out, checkpoint
+
+
 def prepare_rows(task: Task) -> tuple[Dataset, Dataset]:
     """TRL-ready train/eval rows; each keeps its source row number for error messages."""
     train_raw, eval_raw = load_splits(task)
@@ -319,11 +329,7 @@ def train_and_publish(
 
 
 def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
-    console = console or Console(quiet=not is_main_process())  # one copy of every message under accelerate launch
-    check_distributed_setup()
-    out, checkpoint = run_directory(task, resume)
-    set_seed(task.train.seed)
-
+    console, out, checkpoint = start_run(task, resume, console)
     train_rows, eval_rows = prepare_rows(task)
     console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({task.data.format})")
 

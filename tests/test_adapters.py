@@ -166,7 +166,6 @@ def test_inspect_prints_the_tables(tiny_base_path, capsys):
     assert "per preset" in out and "self_attn.diff_lambda" in out and "memory footprint" in out
 
 
-
 def test_two_adapters_with_saved_lambda_load_onto_one_base(trained_adapter, tiny_base_path):
     loaded = load_base(str(tiny_base_path), quantization="none")
     model = load_adapter(loaded.model, trained_adapter, loaded.fingerprint, adapter_name="first")
