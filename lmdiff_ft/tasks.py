@@ -629,3 +629,5 @@ def _check_preference(task: Task) -> None:
         )
     if task.template.completion is not None:
         raise _Invalid("template.completion: not used by preference data (chosen and rejected are used as they are)")
+    if task.train.packing:
+        raise _Invalid("train.packing: SFT only (TRL's DPOTrainer pads each pair; padding-free DPO is disabled in TRL)")

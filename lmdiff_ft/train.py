@@ -10,6 +10,7 @@
 8. publish the run                    (adapter, tokenizer, metrics, card, curve; adapter_config.json last)
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -145,11 +146,6 @@ def model_with_adapters(base: LoadedBase, task: Task) -> torch.nn.Module:
 def training_arguments(task: Task, out: Path, base: LoadedBase, config_class=SFTConfig, **extra):
     """The task's `train` section, 1:1, as TRL/transformers arguments."""
     t = task.train
-    if t.packing:
-        raise UserError(
-            f"{task.source_path}: train.packing: not supported for LM-Diff yet (its causal means and conv would "
-            "mix packed examples); set it to false"
-        )
     return config_class(
         output_dir=str(out),
         num_train_epochs=t.epochs,
@@ -184,9 +180,31 @@ def training_arguments(task: Task, out: Path, base: LoadedBase, config_class=SFT
     )
 
 
+def packed_examples(prepared: Dataset) -> Iterator[dict]:
+    """The examples inside TRL's packed rows, cut apart at their `seq_lengths`; unpacked rows as they are."""
+    for row in prepared:
+        if "seq_lengths" not in row:
+            yield row
+            continue
+        start = 0
+        for length in row["seq_lengths"]:
+            yield {key: row[key][start : start + length] for key in ("input_ids", "labels")}
+            start += length
+
+
 def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task) -> None:
-    """TRL silently drops examples left with no trained token (e.g. a long prompt truncated to max_length).
-    Here that is an error naming the rows, since those examples would never be learned."""
+    """TRL silently drops examples left with no trained token (e.g. a long prompt truncated to max_length),
+    or, when packing, keeps them truncated and never learns them. Here either is an error, naming the rows
+    where the prepared data still says which they were."""
+    if "seq_lengths" in prepared.column_names:  # packed rows no longer say which source row each example was
+        empty = sum(all(label == -100 for label in ex["labels"]) for ex in packed_examples(prepared))
+        if empty:
+            raise UserError(
+                f"{source_name(task, role)}: {empty} of {len(rows)} rows have no answer token left to train on "
+                f"after truncation to train.max_length={task.train.max_length}; raise max_length "
+                "(the same command with train.packing=false --dry-run names the rows)"
+            )
+        return
     kept = set(prepared[ROW_COLUMN])
     lost = [r for r in rows[ROW_COLUMN] if r not in kept]
     if lost:
@@ -339,7 +357,15 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     with adapter_dtypes_kept(model):
         trainer = SFTTrainer(
             model=model,
-            args=training_arguments(task, trainer_dir, base, assistant_only_loss=task.data.format == "messages"),
+            args=training_arguments(
+                task,
+                trainer_dir,
+                base,
+                assistant_only_loss=task.data.format == "messages",
+                # best-fit packing, padding-free: one row of whole examples whose position_ids restart at 0,
+                # which LM-Diff's attention, means and conv all honour (no example sees another)
+                packing=task.train.packing,
+            ),
             train_dataset=train_rows,
             eval_dataset=eval_rows,
             processing_class=tokenizer,
@@ -347,12 +373,13 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     check_trained_tokens(trainer.train_dataset, train_rows, "train", task)
     check_trained_tokens(trainer.eval_dataset, eval_rows, "eval", task)
     if is_main_process():
-        print_label_preview(
-            [trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))], tokenizer, console
-        )
+        print_label_preview(list(itertools.islice(packed_examples(trainer.train_dataset), 2)), tokenizer, console)
         trained = sum(sum(label != -100 for label in ex) for ex in trainer.train_dataset["labels"])
         total = sum(len(ex) for ex in trainer.train_dataset["input_ids"])
         console.print(f"train split: {trained:,} trained tokens of {total:,} ({100 * trained / total:.1f}%)")
+        if task.train.packing:
+            rows, size = len(trainer.train_dataset), task.train.max_length
+            console.print(f"packed into {rows} rows of up to {size} tokens ({100 * total / (rows * size):.0f}% full)")
     if dry_run:
         shutil.rmtree(trainer_dir, ignore_errors=True)
         return trainer.train_dataset  # tokenized, with the labels TRL trains on: what the preview showed

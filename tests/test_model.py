@@ -217,3 +217,36 @@ def test_a_model_built_from_scratch_starts_with_neutral_components(rank):
         assert layer.se_gate.fc1.weight.abs().max() > 0
         lam = layer.self_attn.diff_lambda
         assert 0.05 < lam.lambda_q1.std() < 0.2 and not torch.equal(lam.lambda_q1, lam.lambda_q2)
+
+
+@torch.no_grad()
+def test_packed_row_matches_its_sequences_run_apart(random_lmdiff):
+    """TRL's padding-free packing sends one row of several sequences with position_ids restarting at 0:
+    attention, the causal means and the conv must each stay within their own sequence."""
+    generator = torch.Generator().manual_seed(3)
+    lengths = [5, 9, 1, 4]
+    sequences = [torch.randint(3, TINY["vocab_size"], (1, n), generator=generator) for n in lengths]
+    apart = torch.cat([random_lmdiff(sequence).logits for sequence in sequences], dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = random_lmdiff(torch.cat(sequences, dim=1), position_ids=positions, use_cache=True)
+    assert (packed.logits - apart).abs().max().item() <= 1e-5
+    assert packed.cache is None  # a cache of several sequences could not be continued
+    # ...and without the restarts the same tokens are one sequence, which is not the same function
+    assert (random_lmdiff(torch.cat(sequences, dim=1)).logits - apart).abs().max().item() > 1e-3
+
+    # two packed rows in one batch: rows never mix either
+    second_lengths = [10, 3, 6]
+    second = [torch.randint(3, TINY["vocab_size"], (1, n), generator=generator) for n in second_lengths]
+    second_apart = torch.cat([random_lmdiff(sequence).logits for sequence in second], dim=1)
+    rows = torch.cat([torch.cat(sequences, dim=1), torch.cat(second, dim=1)])
+    second_positions = torch.cat([torch.arange(n) for n in second_lengths])[None]
+    both = random_lmdiff(rows, position_ids=torch.cat([positions, second_positions])).logits
+    assert (both - torch.cat([apart, second_apart])).abs().max().item() <= 1e-5
+
+
+def test_packed_position_ids_must_restart_at_zero(random_lmdiff):
+    tokens = torch.randint(3, TINY["vocab_size"], (1, 6))
+    with pytest.raises(ValueError, match="count 0, 1, 2"):
+        random_lmdiff(tokens, position_ids=torch.tensor([[0, 1, 2, 1, 2, 3]]))
+    with pytest.raises(ValueError, match="cannot use a cache"):
+        random_lmdiff(tokens, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), cache=LmDiffCache(random_lmdiff.config))

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
+from lmdiff_ft.modeling import modeling_lmdiff
 from lmdiff_ft.tasks import load_task
-from lmdiff_ft.train import run_sft
+from lmdiff_ft.train import packed_examples, run_sft
 
 QA = [{"question": f"What is fact number {i} about Mars?", "answer": f"Fact {i}"} for i in range(16)]
 
@@ -120,6 +121,40 @@ def test_dry_run_prints_the_marked_examples(qa_task, capsys):
 def test_examples_left_without_trained_tokens_are_an_error(qa_task):
     with pytest.raises(UserError, match=r"qa.jsonl: row 1, .*no answer token left to train on.*max_length=6"):
         run_sft(load_task(qa_task, ["train.max_length=6"]), dry_run=True)
+
+
+def test_packing_puts_whole_examples_in_rows_with_their_labels(qa_task, tiny_base_path):
+    prepared = run_sft(load_task(qa_task, ["train.packing=true"]), dry_run=True)
+    assert "seq_lengths" in prepared.column_names and len(prepared) < 12, "12 train rows, packed"
+    examples = list(packed_examples(prepared))
+    assert len(examples) == 12
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_path)
+    for example in examples:
+        assert trained_text(example, tokenizer).startswith("Fact ")
+        assert "about Mars?" in untrained_text(example, tokenizer)
+
+
+def test_packed_examples_without_trained_tokens_are_an_error(qa_task):
+    with pytest.raises(UserError, match=r"qa.jsonl: 12 of 12 rows have no answer token left.*max_length=6"):
+        run_sft(load_task(qa_task, ["train.max_length=6", "train.packing=true"]), dry_run=True)
+
+
+@pytest.mark.slow
+def test_packed_training_learns_and_keeps_examples_apart(qa_task, monkeypatch):
+    """A packed run: TRL flattens each batch into one row whose position_ids restart at every example, the
+    model takes the packed path for it (attention, means and conv within each example), and the loss falls."""
+    sequences_per_batch, original = [], modeling_lmdiff.packed_sequences
+
+    def recording(position_ids, token_mask):
+        packed = original(position_ids, token_mask)
+        if packed is not None:
+            sequences_per_batch.append(packed.gather.shape[0])
+        return packed
+
+    monkeypatch.setattr(modeling_lmdiff, "packed_sequences", recording)
+    metrics = run_sft(load_task(qa_task, ["train.packing=true", "train.max_steps=6"]))
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
+    assert sequences_per_batch and max(sequences_per_batch) > 1, "batches reached the model as packed rows"
 
 
 @pytest.mark.parametrize(

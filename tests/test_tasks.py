@@ -193,7 +193,7 @@ def test_overrides_parse_values_as_yaml(tmp_path):
         "adapter.r=32",
         "adapter.presets=[diff_attn,mlp]",
         "eval.num_samples=10",
-        "train.packing=true",
+        "train.gradient_checkpointing=false",
         "template.system=Answer: briefly",  # a string field takes the text as written
         "base.seed=3",  # the string form `base: tiny` becomes a mapping
         "data.fields.prompt=question",
@@ -203,7 +203,7 @@ def test_overrides_parse_values_as_yaml(tmp_path):
     ]
     task = load_task(write_task(tmp_path, MINIMAL + "train: {eval_steps: 5}\n"), overrides)
     assert task.train.lr == 1e-4 and task.adapter.r == 32 and task.adapter.presets == ["diff_attn", "mlp"]
-    assert task.eval.num_samples == 10 and task.train.packing is True
+    assert task.eval.num_samples == 10 and task.train.gradient_checkpointing is False
     assert task.template.system == "Answer: briefly"
     assert (task.base.path, task.base.seed) == ("tiny", 3)
     assert task.data.fields["prompt"] == "question" and task.adapter.layers == [0, 1]
@@ -309,6 +309,7 @@ def test_a_prompt_that_holds_the_answer_is_refused(tmp_path, section, expected):
         ("  format: alpaca\npreference: {}", "data.format: preference (DPO) data needs 'prompt_completion'"),
         ("  eval_fraction: 1", "data.eval_fraction: expected a number in (0, 1), got 1.0"),
         ("template: {completion: ' {x}'}\npreference: {}", "template.completion: not used by preference data"),
+        ("train: {packing: true}\npreference: {}", "train.packing: SFT only"),
     ],
 )
 def test_format_and_template_rules(tmp_path, section, expected):

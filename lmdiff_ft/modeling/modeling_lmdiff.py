@@ -12,11 +12,15 @@ One decoder layer, with x the residual stream, m the padding mask and ρ(v) = v 
     y  = y ⊙ 2·sigmoid(fc2(relu(fc1(causal masked mean of y))))   SE gate (running sum in the cache)
     out = x' + y
 
+Rows packed with several sequences (position_ids restarting at 0, TRL's padding-free packing) are kept
+apart: attention runs per sequence and the means and the conv restart at each one (`PackedSequences`).
+
 The layout (`.model`, `.lm_head`, `GradientCheckpointingLayer`, `GenerationMixin`) follows
 `modeling_llama.py` so that PEFT, TRL and `generate` treat this model like any transformers LM.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +58,26 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def causal_masked_mean(
-    values: torch.Tensor, token_mask: torch.Tensor | None, past: RunningMean | None
+    values: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    past: RunningMean | None,
+    packed: "PackedSequences | None" = None,
 ) -> tuple[torch.Tensor, RunningMean]:
     """Mean over the non-padding positions s ≤ t, for every t, continuing from `past`.
 
     values [B, T, D] in any dtype, summed in fp32; token_mask [B, T], or None when nothing is padding
     (which saves the masking pass). Returns the fp32 means [B, T, D] and the running (sum, count) after
-    the last position, which is all a cache needs to continue exactly.
+    the last position, which is all a cache needs to continue exactly. With packed rows the mean restarts
+    at each sequence.
     """
     batch, length, _ = values.shape
-    if token_mask is None:
+    if packed is not None:
+        totals = values.cumsum(dim=1, dtype=torch.float32)
+        totals_before = F.pad(totals, (0, 0, 1, 0))  # [B, T+1, D]: the sum of the positions before index i
+        starts = torch.arange(length, device=values.device) - packed.positions  # where each sequence begins
+        sums = totals - totals_before.gather(1, starts.unsqueeze(-1).expand_as(totals))
+        counts = (packed.positions + 1).unsqueeze(-1).to(torch.float32)
+    elif token_mask is None:
         sums = values.cumsum(dim=1, dtype=torch.float32)
         counts = torch.arange(1, length + 1, device=values.device, dtype=torch.float32).view(1, length, 1)
     else:
@@ -82,6 +96,62 @@ def padding_token_mask(attention_mask: torch.Tensor | None, length: int) -> torc
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return attention_mask[:, -length:]
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Where the sequences of a packed batch lie. The causal means and the conv restart where `positions`
+    does; attention runs on each sequence alone: its tokens are gathered into one padded row per sequence
+    ([S, L], L the longest), attended with SDPA's causal flag, and scattered back. That costs S·L² where a
+    [T, T] block-diagonal mask over the packed row would cost T²."""
+
+    positions: torch.Tensor  # [B, T] each token's position within its own sequence
+    gather: torch.Tensor  # [S, L] flat index (into batch × length) of each sequence's tokens; tails repeat
+    scatter: torch.Tensor  # [batch × length] flat index into S × L of each token
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor) -> "PackedSequences":
+        flat = positions.reshape(-1)
+        starts = (flat == 0).nonzero().squeeze(1)  # every row starts a sequence (checked), so rows never mix
+        ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
+        longest = int((ends - starts).max())
+        offsets = torch.arange(longest, device=flat.device)
+        gather = torch.minimum(starts[:, None] + offsets[None, :], ends[:, None] - 1)  # padding repeats the last
+        sequence = (flat == 0).cumsum(0) - 1
+        return cls(positions=positions, gather=gather, scatter=sequence * longest + flat)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **sdpa_kwargs) -> torch.Tensor:
+        """SDPA per sequence; [B, heads, T, d] in, [B, heads, T, d] out. A padded tail only follows its
+        sequence's real tokens, so the causal flag already keeps it out of their attention."""
+        batch, _, length, head_dim = query.shape
+        sequences, longest = self.gather.shape
+
+        def per_sequence(x: torch.Tensor) -> torch.Tensor:
+            tokens = x.transpose(1, 2).reshape(batch * length, -1, head_dim)
+            return tokens[self.gather.reshape(-1)].view(sequences, longest, -1, head_dim).transpose(1, 2)
+
+        output = F.scaled_dot_product_attention(
+            per_sequence(query), per_sequence(key), per_sequence(value), is_causal=True, **sdpa_kwargs
+        )
+        output = output.transpose(1, 2).reshape(sequences * longest, -1, head_dim)[self.scatter]
+        return output.view(batch, length, -1, head_dim).transpose(1, 2)
+
+
+def packed_sequences(position_ids: torch.Tensor, token_mask: torch.Tensor | None) -> PackedSequences | None:
+    """The layout of rows that hold several sequences end to end (position_ids restarting at 0 inside a row,
+    as TRL's padding-free packing sends them); None when each row is one sequence.
+
+    Left-padded batches also restart their position_ids; there the padding mask already says what to skip.
+    """
+    if token_mask is not None or position_ids.shape[1] < 2:
+        return None
+    steps = position_ids[:, 1:] - position_ids[:, :-1]
+    if bool((steps == 1).all()):
+        return None
+    restarts = position_ids[:, 1:][steps != 1]
+    if bool((restarts != 0).any()) or bool((position_ids[:, 0] != 0).any()):
+        raise ValueError("packed sequences need position_ids that count 0, 1, 2, … within each sequence")
+    return PackedSequences.from_positions(position_ids)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -281,6 +351,7 @@ class LmDiffAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: LmDiffCacheLayer | None = None,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         projections = [self.q_proj, self.k_proj]
@@ -299,16 +370,22 @@ class LmDiffAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value)
 
-        output = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
+        sdpa_kwargs = dict(
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=attention_mask is None and length > 1,
             scale=self.scaling,
             enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, heads, T, d]
+        )
+        if packed is not None:
+            output = packed.attend(query, key, value, **sdpa_kwargs)
+        else:
+            output = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                is_causal=attention_mask is None and length > 1,
+                **sdpa_kwargs,
+            )  # [B, heads, T, d]
 
         if self.use_diff_attn:
             first, second = output.chunk(2, dim=1)
@@ -334,7 +411,11 @@ class LmDiffTokenMixing(nn.Module):
         self.conv = zero_init(nn.Conv1d(hidden, hidden, self.kernel_size, groups=hidden, bias=True))
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, cache: LmDiffCacheLayer | None = None
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        cache: LmDiffCacheLayer | None = None,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
         inputs = hidden_states
@@ -350,7 +431,10 @@ class LmDiffTokenMixing(nn.Module):
         weight = self.conv.weight[:, 0]  # [D, K]; tap k multiplies the input K−1−k steps back
         mixed = hidden_states + self.conv.bias
         for k in range(self.kernel_size):
-            mixed = torch.addcmul(mixed, window[:, k : k + length], weight[:, k])
+            shifted, steps_back = window[:, k : k + length], self.kernel_size - 1 - k
+            if packed is not None and steps_back > 0:  # never reach back into the previous sequence
+                shifted = shifted * (packed.positions >= steps_back).unsqueeze(-1).to(shifted.dtype)
+            mixed = torch.addcmul(mixed, shifted, weight[:, k])
         return mixed
 
 
@@ -364,9 +448,14 @@ class LmDiffSEGate(nn.Module):
         self.fc2 = zero_init(nn.Linear(config.se_hidden_size, config.hidden_size, bias=True))
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, cache: LmDiffCacheLayer | None = None
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        cache: LmDiffCacheLayer | None = None,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor:
-        squeeze, running = causal_masked_mean(hidden_states, token_mask, cache.squeeze if cache is not None else None)
+        past = cache.squeeze if cache is not None else None
+        squeeze, running = causal_masked_mean(hidden_states, token_mask, past, packed)
         if cache is not None:
             cache.squeeze = running
         gate = 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(squeeze.to(hidden_states.dtype)))))
@@ -392,25 +481,27 @@ class LmDiffDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         cache: LmDiffCacheLayer | None = None,
+        packed: PackedSequences | None = None,
         **kwargs,
     ) -> torch.Tensor:
         context = normed = None
         if self.use_adaptive_norm:
             normed = rms_normalize(hidden_states, self.variance_epsilon)
-            context, running = causal_masked_mean(normed, token_mask, cache.context if cache is not None else None)
+            past = cache.context if cache is not None else None
+            context, running = causal_masked_mean(normed, token_mask, past, packed)
             if cache is not None:
                 cache.context = running
 
         attended = self.self_attn(
-            self.input_layernorm(hidden_states, context, normed), position_embeddings, attention_mask, cache
+            self.input_layernorm(hidden_states, context, normed), position_embeddings, attention_mask, cache, packed
         )
         if self.token_mixing is not None:
-            attended = self.token_mixing(attended, token_mask, cache)
+            attended = self.token_mixing(attended, token_mask, cache, packed)
         hidden_states = hidden_states + attended
 
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states, context))
         if self.se_gate is not None:
-            mlp_out = self.se_gate(mlp_out, token_mask, cache)
+            mlp_out = self.se_gate(mlp_out, token_mask, cache, packed)
         return hidden_states + mlp_out
 
 
@@ -472,21 +563,28 @@ class LmDiffModel(LmDiffPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = LmDiffCache(self.config)
         if cache is not None and not isinstance(cache, LmDiffCache):
             raise TypeError(f"LM-Diff needs an LmDiffCache, got {type(cache).__name__}")
 
         batch, length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("LM-Diff takes a 2-D padding mask [batch, past + new tokens]")
         token_mask = padding_token_mask(attention_mask, length)
+        packed = None
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        else:
+            packed = packed_sequences(position_ids.expand(batch, -1), token_mask)
+        if packed is not None:
+            if cache is not None:
+                raise ValueError("packed sequences (position_ids restarting within a row) cannot use a cache")
+            use_cache = False  # a cache holding several sequences could not be continued
         causal_mask = build_attention_mask(attention_mask, length, past_length)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = LmDiffCache(self.config)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -497,6 +595,7 @@ class LmDiffModel(LmDiffPreTrainedModel):
                 attention_mask=causal_mask,
                 token_mask=token_mask,
                 cache=cache.layers[i] if cache is not None else None,
+                packed=packed,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
