@@ -22,13 +22,13 @@ from .data import load_splits, source_name, to_preference_rows
 from .evaluate import answer_nll, completion_token_ids, generation_metrics, preference_logprobs, preference_metrics
 from .tasks import Task, load_task
 from .train import (
-    adapter_dtypes_kept,
     is_main_process,
     load_model,
     metrics_before,
     prepare_rows,
     start_run,
     train_and_publish,
+    trainer_construction,
 )
 from .train import training_arguments as base_training_arguments
 
@@ -106,7 +106,7 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     args = base_training_arguments(
         task, out, base, config_class=DPOConfig, beta=task.preference.beta, loss_type=[task.preference.loss_type]
     )
-    with adapter_dtypes_kept(model):
+    with trainer_construction(model, out):
         trainer = DPOTrainer(
             model=model,
             ref_model=None,

@@ -25,6 +25,7 @@ from accelerate.utils import get_int_from_env
 from datasets import Dataset
 from rich.console import Console
 from transformers import set_seed
+from transformers.integrations.integration_utils import default_logdir
 from trl import SFTConfig, SFTTrainer
 
 from .adapters import attach_adapters, base_info, load_adapter, write_base_info
@@ -226,6 +227,30 @@ def evaluate_all(trainer, model, tokenizer, train_rows: Dataset, eval_rows: Data
 
 
 @contextmanager
+def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
+    """Around building a TRL trainer: keep the adapters' dtypes and pin the TensorBoard directory."""
+    with adapter_dtypes_kept(model), tensorboard_logs_in(out):
+        yield
+
+
+@contextmanager
+def tensorboard_logs_in(out: Path) -> Iterator[None]:
+    """transformers' TensorBoard callback picks `out/runs/<date>` only when training begins; our evaluation
+    before training logs first, which made it open its writer in ./runs of the working directory and keep
+    it for the whole run. Its documented TENSORBOARD_LOGGING_DIR, read when the callback is created, pins
+    the directory; it is restored afterwards so that no later trainer in this process inherits it."""
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / default_logdir())  # runs/<date>_<host>, as transformers names it
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR")
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+
+
+@contextmanager
 def adapter_dtypes_kept(model: torch.nn.Module) -> Iterator[None]:
     """Build a TRL trainer without its QLoRA bf16 cast of every trainable parameter.
 
@@ -354,7 +379,7 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     base, model = load_model(task, console)
     tokenizer = base.tokenizer
     trainer_dir = Path(tempfile.mkdtemp(prefix="lmdiff-ft-dry-run-")) if dry_run else out  # a dry run writes nothing
-    with adapter_dtypes_kept(model):
+    with trainer_construction(model, trainer_dir):
         trainer = SFTTrainer(
             model=model,
             args=training_arguments(

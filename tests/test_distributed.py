@@ -80,7 +80,8 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
 
     # one adapter, one set of logs, one card: rank 0 writes, the other rank only computes
     assert not [p.name for p in double.iterdir() if "partial" in p.name]
-    assert len(list((double / "runs").rglob("events.out.tfevents.*"))) == 1
+    event_files = list((double / "runs").rglob("events.out.tfevents.*"))  # named events.out.tfevents.TIME.HOST.PID.N
+    assert event_files and len({path.name.split(".")[-2] for path in event_files}) == 1, "one process logs"
     assert json.loads((double / "metrics.json").read_text())["global_step"] == 4
     assert (double / "README.md").is_file() and (double / "checkpoint-4" / "adapter_model.safetensors").is_file()
     out = done.stdout

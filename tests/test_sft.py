@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdiff_ft.cli import main
@@ -185,7 +186,10 @@ def test_task_errors_are_one_line_with_exit_2(qa_task, capsys):
 
 
 @pytest.mark.slow
-def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny_base_path, tmp_path):
+def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny_base_path, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # TensorBoard once wrote the run's logs to ./runs of the working directory
     metrics = run_sft(load_task(qa_task))
     out = tmp_path / "runs" / "qa"
     for name in (
@@ -203,7 +207,13 @@ def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny
     ):
         assert (out / name).exists(), name
     assert not [p for p in out.iterdir() if "partial" in p.name]
-    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    assert not list(elsewhere.iterdir()), "nothing written outside the run directory"
+    logged = set()
+    for events in (out / "runs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        logged |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "eval/loss"} <= logged, "TensorBoard logs of the training and the evaluations"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["after"]["eval_loss"] < saved["before"]["eval_loss"] == metrics["before"]["eval_loss"]
     assert {"eval_exact_match", "eval_rouge_l", "train_exact_match"} <= saved["after"].keys()
