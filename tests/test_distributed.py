@@ -53,13 +53,16 @@ def logged_steps(run_dir: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tmp_path, qa_task):
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tmp_path, qa_task, packing):
+    # packed: 8 rows of 2 examples (so global batches of 4 split evenly); each rank flattens its own rows
+    packed = ["train.packing=true", "train.max_length=80"] if packing else []
     single, double = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
-    run_sft(load_task(qa_task, [f"output_dir={single}"]))  # 1 process x batch 4
+    run_sft(load_task(qa_task, [*packed, f"output_dir={single}"]))  # 1 process x batch 4
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml")]
     command += ["--num_processes", "2", "--main_process_port", "0"]  # 0: a free port, tests may run side by side
-    command += ["-m", "lmdiff_ft", "sft", qa_task, "train.batch_size=2", f"output_dir={double}"]  # 2 x batch 2
+    command += ["-m", "lmdiff_ft", "sft", qa_task, *packed, "train.batch_size=2", f"output_dir={double}"]  # 2 x 2
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # no wrapped lines
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
