@@ -149,6 +149,10 @@ def resolve_base_path(base: str, seed: int = 0) -> Path:
         return tiny_base_dir(seed)
     path = Path(base).expanduser()
     if path.exists():
+        if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+            made_for = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            hint = f"; it was made for {made_for}" if made_for not in (None, "None") else ""
+            raise UserError(f"base: {base} is a PEFT adapter (adapter_config.json), not a base model{hint}")
         if not (path / "config.json").is_file():
             raise UserError(f"base: {base} has no config.json (expected a model checkpoint directory)")
         return path

@@ -116,6 +116,15 @@ def trained_adapter(tiny_base_path, tmp_path_factory):
     return directory
 
 
+def test_an_adapter_given_as_the_base_names_its_base(trained_adapter, tiny_base_path, capsys):
+    assert main(["inspect", str(trained_adapter)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"lmdiff-ft inspect: error: base: {trained_adapter} is a PEFT adapter (adapter_config.json), "
+        f"not a base model; it was made for {tiny_base_path}"
+    ]
+
+
 def test_adapter_on_a_base_with_other_dims_is_refused(trained_adapter, tmp_path):
     other = build_tiny_base(tmp_path / "wide", vocab_size=512, **{**TINY_BASE_DIMS, "hidden_size": 128})
     loaded = load_base(str(other), quantization="none")
