@@ -91,7 +91,7 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
 
 
 def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
-    console, out, checkpoint = start_run(task, resume, console)
+    console, out, checkpoint = start_run(task, resume, console, dry_run)
     train_pairs, eval_pairs = prepare_pairs(task)
     console.print(f"data: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs")
     sft_task = sft_task_of(task)

@@ -93,12 +93,15 @@ def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | No
     return out, str(checkpoint)
 
 
-def start_run(task: Task, resume: bool | str | None, console: Console | None) -> tuple[Console, Path, str | None]:
+def start_run(
+    task: Task, resume: bool | str | None, console: Console | None, dry_run: bool = False
+) -> tuple[Console, Path, str | None]:
     """What every training command does first: one console (quiet on all but the main process under
-    accelerate launch), a checked distributed setup, the output dir and checkpoint, the seed."""
+    accelerate launch), a checked distributed setup, the output dir and checkpoint, the seed. A dry run
+    writes nothing, so whatever the output dir holds does not stop it."""
     console = console or Console(quiet=not is_main_process())
     check_distributed_setup()
-    out, checkpoint = run_directory(task, resume)
+    out, checkpoint = (Path(task.output_dir), None) if dry_run else run_directory(task, resume)
     set_seed(task.train.seed)
     return console, out, checkpoint
 
@@ -372,7 +375,7 @@ def train_and_publish(
 
 
 def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
-    console, out, checkpoint = start_run(task, resume, console)
+    console, out, checkpoint = start_run(task, resume, console, dry_run)
     train_rows, eval_rows = prepare_rows(task)
     console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({task.data.format})")
 

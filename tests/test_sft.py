@@ -225,6 +225,9 @@ def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny
 
     with pytest.raises(UserError, match="holds a finished run"):
         run_sft(load_task(qa_task))
+    finished = sorted(out.rglob("*"))
+    assert len(run_sft(load_task(qa_task), dry_run=True)) > 0  # a dry run writes nothing, so it may look
+    assert sorted(out.rglob("*")) == finished
 
 
 @pytest.mark.slow
