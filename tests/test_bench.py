@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +51,17 @@ def run_bench(script: str, out: Path, *flags: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_train_step_and_decode_benchmarks_run(tmp_path):
-    train = run_bench("train_step", tmp_path / "train.json", "--seq-lens", "32")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the dtype paths of the GPU runs
+def test_train_step_and_decode_benchmarks_run(tmp_path, dtype):
+    train = run_bench("train_step", tmp_path / "train.json", "--seq-lens", "32", "--dtype", dtype)
     rows = {row["variant"]: row for row in train["rows"]}
     assert set(rows) == {"lmdiff", "llama", "naive"}
     assert all(row["tokens_per_s"] > 0 and row["mfu"] > 0 for row in rows.values())
     assert rows["naive"]["lmdiff_speed_ratio"] > 0 and rows["naive"]["lmdiff_speed_ratio_ceiling"] > 0
 
-    decode = run_bench("decode", tmp_path / "decode.json", "--contexts", "8", "24", "--new-tokens", "4")
+    decode = run_bench(
+        "decode", tmp_path / "decode.json", "--contexts", "8", "24", "--new-tokens", "4", "--dtype", dtype
+    )
     cached = [row for row in decode["rows"] if row["cache"]]
     assert {(row["variant"], row["context"]) for row in cached} == {
         (variant, context) for variant in ("lmdiff", "llama") for context in (8, 24)
