@@ -117,7 +117,10 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         )
 
     def evaluate():
-        return evaluate_dpo(trainer.model, tokenizer, eval_pairs, task, sft_task)
+        # train() leaves the model's forward inside accelerate's mixed-precision autocast (bf16 on GPUs): the
+        # same autocast before training keeps before and after comparable (the reference check above all)
+        with trainer.accelerator.autocast():
+            return evaluate_dpo(trainer.model, tokenizer, eval_pairs, task, sft_task)
 
     before = metrics_before(out, checkpoint, lambda: evaluate()[0])
     summary = {
