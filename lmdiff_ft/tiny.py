@@ -89,12 +89,13 @@ def build_tiny_base(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    if from_llama:
-        llama = LlamaForCausalLM(LlamaConfig(**fields)).eval()
-        model = convert_llama_model(llama, seed=seed)
-    else:
-        model = LmDiffForCausalLM(LmDiffConfig(**fields))
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        if from_llama:
+            llama = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+            model = convert_llama_model(llama, seed=seed)
+        else:
+            model = LmDiffForCausalLM(LmDiffConfig(**fields))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

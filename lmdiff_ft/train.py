@@ -276,6 +276,9 @@ def load_model(task: Task, console: Console) -> tuple[LoadedBase, torch.nn.Modul
     console.print(base.describe())
     if task.template.chat_template:
         base.tokenizer.chat_template = task.template.chat_template
+    # the adapter's initial weights depend on the seed alone, not on whether loading the base drew random
+    # numbers (building the tiny base on first use, converting a Llama): the same command, the same adapter
+    set_seed(task.train.seed)
     return base, model_with_adapters(base, task)
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,6 +123,21 @@ def test_dry_run_prints_the_marked_examples(qa_task, capsys):
 def test_examples_left_without_trained_tokens_are_an_error(qa_task):
     with pytest.raises(UserError, match=r"qa.jsonl: row 1, .*no answer token left to train on.*max_length=6"):
         run_sft(load_task(qa_task, ["train.max_length=6"]), dry_run=True)
+
+
+@pytest.mark.slow
+def test_the_same_command_trains_the_same_adapter_whether_or_not_the_base_was_built_first(tmp_path, monkeypatch):
+    """Building the tiny base on first use draws random numbers; the adapter's initialisation once drew
+    from the same stream, so a first run and every later run of one command trained different adapters."""
+    monkeypatch.setenv("LMDIFF_FT_CACHE", str(tmp_path / "cache"))  # empty: the first run builds the base
+    write_jsonl(tmp_path / "qa.jsonl", QA)
+    task = write_task(tmp_path, "tiny", QA_BODY)
+    adapters = []
+    for run in ("builds", "loads"):
+        run_sft(load_task(task, ["train.max_steps=1", f"output_dir={tmp_path / run}"]))
+        adapters.append(load_file(tmp_path / run / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
 
 
 def test_packing_puts_whole_examples_in_rows_with_their_labels(qa_task, tiny_base_path):
