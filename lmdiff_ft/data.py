@@ -16,7 +16,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .tasks import DataSource, Task, check_preference, local_path, template_fields
 
 ROW_COLUMN = "__row__"  # 1-based row number in the source, added by load_source, dropped by to_*_rows
@@ -103,7 +103,7 @@ def _load_file(path: Path, source: DataSource, key: str) -> Dataset:
     except Exception as exc:  # the datasets/arrow errors for a malformed file vary; all are the user's to fix
         if _has_no_rows(path):
             raise UserError(f"{_display(path)}: the file has no rows ({key})") from exc
-        reason = (_bad_json_line(path) if builder == "json" else None) or _first_line(exc)
+        reason = (_bad_json_line(path) if builder == "json" else None) or first_line(exc)
         raise UserError(f"{_display(path)}: cannot read it as {builder.upper()} ({key}): {reason}") from exc
 
 
@@ -150,7 +150,7 @@ def _load_hub(source: DataSource, key: str) -> Dataset:
     except Exception as exc:  # offline, unknown id, unknown split: the user's to fix
         raise UserError(
             f"{source.path}: not a local file, and loading it as a Hub dataset (split {source.split!r}) failed "
-            f"({key}): {_first_line(exc)}"
+            f"({key}): {first_line(exc)}"
         ) from exc
 
 
@@ -171,10 +171,6 @@ def _display(path: str | Path) -> str:
     if path.is_absolute() and path.is_relative_to(Path.cwd()):
         return str(path.relative_to(Path.cwd()))
     return str(path)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # --- rows ----------------------------------------------------------------------------------------------

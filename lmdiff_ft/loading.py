@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from .chat_template import CHAT_TEMPLATE
 from .errors import UserError
@@ -24,7 +31,11 @@ from .modeling import LmDiffConfig
 
 QUANTIZATIONS = ("auto", "nf4", "fp4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NOT_QUANTIZED = ["lm_head", r".*\.se_gate"]  # patterns in transformers' `llm_int8_skip_modules` syntax
+# patterns in transformers' `llm_int8_skip_modules` syntax. fc_gamma stays a plain Linear so that the model can
+# see it is still exactly zero (a converted base) and skip it (LmDiffAdaptiveRMSNorm._gamma_is_frozen_zero).
+NOT_QUANTIZED = ["lm_head", r".*\.se_gate", r".*\.fc_gamma"]
+# Config keys that describe how a source checkpoint was quantized, never how ours are
+SOURCE_QUANTIZATION_KEYS = ("quantization_config",)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 LARGE_CHECKPOINT_BYTES = 1 << 30  # above this, peak memory matters more than the allocator's page faults
 
@@ -141,12 +152,22 @@ def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesCo
     )
 
 
+def cache_dir() -> Path:
+    """Where built and converted bases are kept: $LMDIFF_FT_CACHE, else ~/.cache/lmdiff-ft."""
+    return Path(os.environ.get("LMDIFF_FT_CACHE", Path.home() / ".cache" / "lmdiff-ft"))
+
+
 def resolve_base_path(base: str, seed: int = 0) -> Path:
-    """`tiny` → the locally built tiny base; a directory → itself; `org/name` → a Hub snapshot."""
+    """A named base (`tiny`, `smollm2-135m`) → its locally built checkpoint; a directory → itself;
+    `org/name` → a Hub snapshot."""
     if base == "tiny":
         from .tiny import tiny_base_dir
 
         return tiny_base_dir(seed)
+    if base == "smollm2-135m":
+        from .smollm2 import smollm2_base_dir
+
+        return smollm2_base_dir()
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
@@ -157,7 +178,9 @@ def resolve_base_path(base: str, seed: int = 0) -> Path:
             raise UserError(f"base: {base} has no config.json (expected a model checkpoint directory)")
         return path
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
-        raise UserError(f"base: {base}: no such directory (expected 'tiny', a checkpoint directory or a Hub id)")
+        raise UserError(
+            f"base: {base}: no such directory (expected 'tiny', 'smollm2-135m', a checkpoint directory or a Hub id)"
+        )
     return hub_snapshot(base, "base: ")
 
 
@@ -173,12 +196,30 @@ def hub_snapshot(repo_id: str, key: str = "") -> Path:
         raise UserError(f"{key}{repo_id}: not a local directory and not downloadable ({reason})") from exc
 
 
+def checked_base_config(path: Path) -> PretrainedConfig:
+    """A checkpoint's config, refusing one that is already quantized: lmdiff-ft quantizes full-precision bases
+    itself. A `gguf` block is dropped instead: it is left behind when a GGUF-loaded model's state dict was saved
+    as safetensors, whose tensors are then full precision (transformers would refuse any other quantization)."""
+    config = AutoConfig.from_pretrained(path)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return config
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    if str(method) == "gguf":
+        for key in SOURCE_QUANTIZATION_KEYS:
+            delattr(config, key)
+        return config
+    raise UserError(
+        f"base: {path} is already quantized (config.json: quantization_config.quant_method {str(method)!r}); "
+        "point base at its full-precision checkpoint, lmdiff-ft quantizes it as the task's `quantization` says"
+    )
+
+
 def converted_llama_dir(llama_dir: Path) -> Path:
     """Convert a Llama checkpoint once and keep it in the cache, keyed by the source's fingerprint."""
     from .convert import convert_checkpoint
 
-    root = Path(os.environ.get("LMDIFF_FT_CACHE", Path.home() / ".cache" / "lmdiff-ft")) / "converted"
-    out = root / f"{llama_dir.name}-{checkpoint_fingerprint(llama_dir)}"
+    out = cache_dir() / "converted" / f"{llama_dir.name}-{checkpoint_fingerprint(llama_dir)}"
     if not (out / "config.json").exists():
         print(f"converting Llama checkpoint {llama_dir} -> {out}")
         convert_checkpoint(str(llama_dir), out)
@@ -225,7 +266,8 @@ def load_base(
 ) -> LoadedBase:
     """Load an LM-Diff base (quantized as asked) and its tokenizer. Used by every command."""
     path = resolve_base_path(base, seed)
-    model_type = AutoConfig.from_pretrained(path).model_type
+    config = checked_base_config(path)
+    model_type = config.model_type
     if model_type == "llama":
         if not convert_from_llama:
             raise UserError(
@@ -233,6 +275,7 @@ def load_base(
                 "or run `lmdiff-ft convert` first"
             )
         path = converted_llama_dir(path)
+        config = checked_base_config(path)
     elif model_type != LmDiffConfig.model_type:
         raise UserError(f"base: {base} has model_type {model_type!r}, expected 'lmdiff' (or 'llama' to convert)")
 
@@ -242,10 +285,10 @@ def load_base(
     if device.type == "cpu" and checkpoint_bytes(path) > LARGE_CHECKPOINT_BYTES:
         pin_malloc_mmap_threshold()  # halves the peak of a TinyLlama-sized QLoRA step; costs time on small models
     if chosen == "none":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=compute_dtype, device_map={"": device})
     else:
         from .streaming import load_quantized_streaming  # it imports this module
 
-        model = load_quantized_streaming(path, chosen, compute_dtype, device)
+        model = load_quantized_streaming(path, chosen, compute_dtype, device, config)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return LoadedBase(model, tokenizer, path, chosen, compute_dtype, checkpoint_fingerprint(path))

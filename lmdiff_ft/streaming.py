@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .errors import UserError
@@ -41,12 +41,16 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_quantized_streaming(
-    path: str | Path, quantization: str, dtype: torch.dtype, device: torch.device | str
+    path: str | Path,
+    quantization: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    config: PretrainedConfig | None = None,
 ) -> PreTrainedModel:
     """What `AutoModelForCausalLM.from_pretrained(path, quantization_config=..., device_map={"": device})` returns,
     loaded one tensor at a time from private reads instead of a mapping of the whole checkpoint."""
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = config or AutoConfig.from_pretrained(path)
     generation_config = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else None
     with ExitStack() as files:
         state_dict = {}

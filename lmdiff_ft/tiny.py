@@ -7,7 +7,6 @@ tasks and the tests all run on it; the same code paths serve a real checkpoint o
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .chat_template import CHAT_TEMPLATE, ROLE_TOKENS
 from .convert import convert_llama_model
+from .loading import cache_dir
 from .modeling import LmDiffConfig, LmDiffForCausalLM
 from .outputs import atomic_output_dir
 
@@ -109,8 +109,7 @@ def tiny_base_dir(seed: int = 0, from_llama: bool = False) -> Path:
         {"dims": TINY_DIMS, "corpus": hashlib.sha256(CORPUS_FILE.read_bytes()).hexdigest(), "v": 2}, sort_keys=True
     )
     tag = hashlib.sha256(recipe.encode()).hexdigest()[:10]
-    root = Path(os.environ.get("LMDIFF_FT_CACHE", Path.home() / ".cache" / "lmdiff-ft"))
-    directory = root / f"tiny-{'llama-' if from_llama else ''}seed{seed}-{tag}"
+    directory = cache_dir() / f"tiny-{'llama-' if from_llama else ''}seed{seed}-{tag}"
     if not (directory / "config.json").exists():
         build_tiny_base(directory, seed=seed, from_llama=from_llama, overwrite=True)
     return directory

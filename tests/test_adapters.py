@@ -50,7 +50,7 @@ def test_quantized_load_keeps_sensitive_tensors_full_precision(tiny_base_path, q
     loaded = load_base(str(tiny_base_path), quantization=quantization)
     layer = loaded.model.model.layers[0]
     assert type(layer.self_attn.q_proj).__name__ == linear_class
-    assert type(layer.input_layernorm.fc_gamma).__name__ == linear_class
+    assert type(layer.input_layernorm.fc_gamma) is torch.nn.Linear  # skipped while exactly zero (see test_model)
     for name, param in loaded.model.named_parameters():
         if any(kind in name for kind in FULL_PRECISION_KINDS) or name.endswith("bias"):
             assert param.dtype == torch.float32, name
