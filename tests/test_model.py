@@ -6,7 +6,7 @@ from conftest import TINY, randomize_lmdiff_parameters, tiny_llama, tiny_lmdiff_
 from transformers import AutoModelForCausalLM
 
 from lmdiff_ft.convert import convert_llama_model, is_lmdiff_only
-from lmdiff_ft.modeling import LmDiffCache, LmDiffForCausalLM
+from lmdiff_ft.modeling import LmDiffCache, LmDiffForCausalLM, modeling_lmdiff
 
 
 def padded_batch(seed: int = 0, length: int = 12):
@@ -250,3 +250,40 @@ def test_packed_position_ids_must_restart_at_zero(random_lmdiff):
         random_lmdiff(tokens, position_ids=torch.tensor([[0, 1, 2, 1, 2, 3]]))
     with pytest.raises(ValueError, match="cannot use a cache"):
         random_lmdiff(tokens, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), cache=LmDiffCache(random_lmdiff.config))
+
+
+def test_a_frozen_zero_fc_gamma_is_skipped_exactly_and_used_again_once_it_changes(monkeypatch):
+    """A converted base's fc_gamma is exactly zero and, unless the `adaptive_norm` preset trains it, stays so: the
+    model skips its products. Logits and gradients equal those of the computed path; a write to it is noticed."""
+    model = LmDiffForCausalLM(tiny_lmdiff_config()).train()
+    randomize_lmdiff_parameters(model)
+    norms = [m for m in model.modules() if isinstance(m, modeling_lmdiff.LmDiffAdaptiveRMSNorm)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.fc_gamma.weight.zero_()
+            norm.fc_gamma.bias.zero_()
+            norm.fc_gamma.requires_grad_(False)
+    tokens, mask = padded_batch()
+    calls = []
+    for norm in norms:
+        norm.fc_gamma.register_forward_hook(lambda *args: calls.append(1))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(tokens, attention_mask=mask, labels=tokens).loss
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    skipped_loss, skipped_grads = loss_and_grads()
+    assert not calls
+    monkeypatch.setattr(modeling_lmdiff.LmDiffAdaptiveRMSNorm, "_gamma_is_frozen_zero", lambda self: False)
+    computed_loss, computed_grads = loss_and_grads()
+    assert calls and torch.equal(skipped_loss, computed_loss)
+    for name, grad in computed_grads.items():
+        assert torch.allclose(grad, skipped_grads[name], atol=1e-7), name
+    monkeypatch.undo()
+
+    calls.clear()
+    with torch.no_grad():
+        norms[0].fc_gamma.bias.fill_(0.5)  # e.g. a merged adapter: in place, so its version counter moves
+    assert model(tokens, attention_mask=mask).logits is not None and len(calls) == 1

@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmdiff_ft import train
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
+from lmdiff_ft.loading import load_base
 from lmdiff_ft.modeling import modeling_lmdiff
 from lmdiff_ft.tasks import load_task
-from lmdiff_ft.train import packed_examples, run_sft
+from lmdiff_ft.train import packed_examples, run_sft, use_gradient_checkpointing
 
 QA = [{"question": f"What is fact number {i} about Mars?", "answer": f"Fact {i}"} for i in range(16)]
 
@@ -316,3 +318,17 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
         run_directory(task, None)
     with pytest.raises(UserError, match="not a complete checkpoint"):
         run_directory(task, str(out / "checkpoint-6"))
+
+
+def test_gradient_checkpointing_auto_recomputes_only_when_memory_needs_it(qa_task, tiny_base_path, monkeypatch):
+    task = load_task(qa_task)
+    assert task.train.gradient_checkpointing == "auto"
+    base = load_base(str(tiny_base_path), quantization="none")
+    monkeypatch.setattr(train, "available_memory", lambda device: 2**40)
+    assert use_gradient_checkpointing(task, base)[0] is False
+    monkeypatch.setattr(train, "available_memory", lambda device: 2**20)
+    on, why = use_gradient_checkpointing(task, base)
+    assert on and why.startswith("auto: activations up to")
+    assert use_gradient_checkpointing(task, base, sequences_per_row=2)[0]
+    forced = load_task(qa_task, ["train.gradient_checkpointing=false"])
+    assert use_gradient_checkpointing(forced, base) == (False, "set in the task")

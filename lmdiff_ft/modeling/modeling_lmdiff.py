@@ -291,10 +291,28 @@ class LmDiffAdaptiveRMSNorm(nn.Module):
         """`normed` = ρ(hidden_states) when the caller already has it (the layer needs it for the context)."""
         if normed is None:
             normed = rms_normalize(hidden_states, self.variance_epsilon)
-        if self.fc_gamma is not None:
+        if self.fc_gamma is not None and not self._gamma_is_frozen_zero():
             gamma = self.fc_gamma(context.to(hidden_states.dtype))
             normed = torch.addcmul(normed, normed, gamma)  # ρ ⊙ (1 + γ) in one pass, in fp32
         return self.weight * normed.to(hidden_states.dtype)
+
+    def _gamma_is_frozen_zero(self) -> bool:
+        """True when fc_gamma is a plain frozen Linear whose weight and bias are exactly zero: a converted base
+        before its adaptive norm is trained, and so during training with every preset but `adaptive_norm`.
+        Then γ ≡ 0 and skipping fc_gamma is exact, which saves two D×D products per token and layer (forward
+        and backward: ~8% of a SmolLM2-size training step). Checked once per change of the tensors (their
+        version counters move on every in-place write: loading, merging, an optimizer step)."""
+        fc = self.fc_gamma
+        if type(fc) is not nn.Linear or fc.weight.requires_grad or (fc.bias is not None and fc.bias.requires_grad):
+            return False  # trained (directly or through an adapter), quantized or low rank: always applied
+        tensors = [fc.weight] + ([fc.bias] if fc.bias is not None else [])
+        if fc.weight.is_meta:
+            return False  # shapes only (FLOP counting): no values to look at
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if getattr(self, "_zero_checked", None) != key:
+            self._zero_checked = key
+            self._is_zero = not any(bool(t.any()) for t in tensors)
+        return self._is_zero
 
 
 class LmDiffLambda(nn.Module):
