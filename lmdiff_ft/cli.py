@@ -10,7 +10,9 @@ from .errors import UserError
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert_checkpoint
 
-    report = convert_checkpoint(args.src, args.out, drop_unknown=args.drop_unknown, tolerance=args.tolerance)
+    report = convert_checkpoint(
+        args.src, args.out, drop_unknown=args.drop_unknown, tolerance=args.tolerance, gguf_file=args.gguf_file
+    )
     diff = report.max_abs_logit_diff
     print(f"wrote {args.out}: {report.num_parameters:,} parameters, max |Δlogits| vs source {diff:.3g}")
     if report.dropped_tensors:
@@ -51,10 +53,14 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
-    from .dpo import run_dpo
+    from .dpo import continuation_task, run_dpo
     from .tasks import load_task
 
-    run_dpo(load_task(args.task, args.overrides), dry_run=args.dry_run, resume=args.resume)
+    if args.task is not None and "=" in args.task and not args.task.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.task)  # `lmdiff-ft dpo train.lr=1e-4`: an override, not a task file
+        args.task = None
+    task = load_task(args.task, args.overrides) if args.task else continuation_task(args.overrides)
+    run_dpo(task, dry_run=args.dry_run, resume=args.resume)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -89,9 +95,10 @@ def cmd_env(args: argparse.Namespace) -> None:
     print_environment(as_json=args.json)
 
 
-def add_training_command(commands, name: str, handler, help: str) -> None:
+def add_training_command(commands, name: str, handler, help: str, task_help: str = "task YAML file") -> None:
     parser = commands.add_parser(name, help=help)
-    parser.add_argument("task", help="task YAML file")
+    optional = name == "dpo"  # with no task, DPO continues the newest finished SFT run
+    parser.add_argument("task", nargs="?" if optional else None, help=task_help)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=32")
     parser.add_argument("--dry-run", action="store_true", help="check everything, preview trained tokens, exit")
     parser.add_argument(
@@ -110,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_training_command(commands, "sft", cmd_sft, "supervised fine-tuning of a LoRA adapter (TRL SFTTrainer)")
-    add_training_command(commands, "dpo", cmd_dpo, "preference tuning (TRL DPOTrainer), reference = frozen adapter")
+    add_training_command(
+        commands,
+        "dpo",
+        cmd_dpo,
+        "preference tuning (TRL DPOTrainer), reference = frozen adapter",
+        "task YAML file (default: the DPO task of the newest finished SFT run under runs/, continuing it)",
+    )
 
     evaluate = commands.add_parser("eval", help="evaluate the base and adapters on a task's data, side by side")
     evaluate.add_argument("task", help="task YAML file (its data, template and eval settings are used)")
@@ -118,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable)")
     evaluate.set_defaults(handler=cmd_eval)
 
-    convert = commands.add_parser("convert", help="convert a Llama checkpoint to LM-Diff (function-preserving)")
-    convert.add_argument("src", help="Llama checkpoint directory, or a Hub id where there is network")
+    convert = commands.add_parser(
+        "convert", help="convert a Llama checkpoint (safetensors or GGUF) to LM-Diff (function-preserving)"
+    )
+    convert.add_argument("src", help="Llama checkpoint directory, a .gguf file, or a Hub id where there is network")
+    convert.add_argument("--gguf-file", help="the GGUF file to convert inside SRC (a directory or a Hub id)")
     convert.add_argument("out", help="output directory (must not exist or be empty)")
     convert.add_argument("--drop-unknown", action="store_true", help="convert even if the source has non-Llama tensors")
     convert.add_argument("--tolerance", type=float, default=1e-4, help="max |Δlogits| allowed on the probe batch")
@@ -133,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=cmd_tiny_base)
 
     inspect = commands.add_parser("inspect", help="trainable parameters per preset and the base's memory footprint")
-    inspect.add_argument("base", help="'tiny', an LM-Diff checkpoint directory or a Hub id")
+    inspect.add_argument("base", help="'tiny', 'smollm2-135m', an LM-Diff checkpoint directory or a Hub id")
     inspect.add_argument("--targets", default="diff_attn,lambda,se_gate", help="comma-separated presets")
     inspect.add_argument("--layers", help="layer selection, e.g. 12-21 or 0,2,5-7")
     inspect.add_argument("--quantization", default="auto", choices=["auto", "nf4", "fp4", "int8", "none"])

@@ -12,6 +12,7 @@ the base). Either way one base serves both models, quantized or not.
 
 from pathlib import Path
 
+import yaml
 from datasets import Dataset
 from rich.console import Console
 from rich.markup import escape
@@ -19,6 +20,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from .data import load_splits, source_name, to_preference_rows
+from .errors import UserError
 from .evaluate import answer_nll, completion_token_ids, generation_metrics, preference_logprobs, preference_metrics
 from .tasks import Task, load_task
 from .train import (
@@ -90,13 +92,44 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
     return metrics, samples
 
 
+def latest_sft_run(runs: Path = Path("runs")) -> Path | None:
+    """The most recently finished SFT run under `runs` (a run dir whose resolved task has no `preference`)."""
+    finished = []
+    for marker in runs.glob("*/adapter_config.json"):
+        resolved = marker.parent / "resolved_task.yaml"
+        if resolved.is_file() and (yaml.safe_load(resolved.read_text()) or {}).get("preference") is None:
+            finished.append(marker)
+    return max(finished, key=lambda m: m.stat().st_mtime).parent if finished else None
+
+
+def continuation_task(overrides: list[str], runs: Path = Path("runs")) -> Task:
+    """`lmdiff-ft dpo` with no task: the DPO task that the newest finished SFT run's task names
+    (`preference_task`), starting from that run's adapter on its base."""
+    run = latest_sft_run(runs)
+    if run is None:
+        raise UserError(
+            f"no finished SFT run under {runs}/ to continue; run `lmdiff-ft sft tasks/nasa_qa.yaml` first, "
+            "or name a DPO task: lmdiff-ft dpo TASK"
+        )
+    sft = yaml.safe_load((run / "resolved_task.yaml").read_text())
+    if not sft.get("preference_task"):
+        raise UserError(
+            f"{run}: the newest finished SFT run's task names no `preference_task` (its DPO task); "
+            "name a DPO task instead: lmdiff-ft dpo TASK"
+        )
+    base = sft["base"]
+    start = [f"adapter.init_adapter={run}", f"base.path={base['path']}", f"base.seed={base['seed']}"]
+    start.append(f"base.convert_from_llama={str(base['convert_from_llama']).lower()}")
+    return load_task(sft["preference_task"], start + list(overrides))
+
+
 def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
     console, out, checkpoint = start_run(task, resume, console, dry_run)
     train_pairs, eval_pairs = prepare_pairs(task)
     console.print(f"data: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs")
     sft_task = sft_task_of(task)
 
-    base, model = load_model(task, console)
+    base, model, checkpointing = load_model(task, console, sequences_per_row=2)  # chosen and rejected
     tokenizer = base.tokenizer
     if is_main_process():
         print_pair_preview(train_pairs, tokenizer, console)
@@ -104,7 +137,13 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         return None
 
     args = base_training_arguments(
-        task, out, base, config_class=DPOConfig, beta=task.preference.beta, loss_type=[task.preference.loss_type]
+        task,
+        out,
+        base,
+        checkpointing,
+        config_class=DPOConfig,
+        beta=task.preference.beta,
+        loss_type=[task.preference.loss_type],
     )
     with trainer_construction(model, out):
         trainer = DPOTrainer(

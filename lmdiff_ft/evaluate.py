@@ -12,7 +12,7 @@ from .data import REFERENCE_COLUMN
 from .metrics import score
 from .tasks import EvalConfig
 
-GENERATION_METRICS = ("exact_match", "rouge_l", "accuracy")
+GENERATION_METRICS = ("exact_match", "f1", "rouge_l", "accuracy")
 
 
 def prompt_of(row: dict):

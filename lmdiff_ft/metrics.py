@@ -2,6 +2,7 @@
 
 import re
 import string
+from collections import Counter
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -15,6 +16,18 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's F1: the harmonic mean of precision and recall of the normalised words both share (with counts)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
 
 
 def longest_common_subsequence(a: list[str], b: list[str]) -> int:
@@ -58,6 +71,7 @@ def score(metric: str, predictions: list[str], references: list[str], labels: li
         return float("nan")
     per_example = {
         "exact_match": exact_match,
+        "f1": token_f1,
         "rouge_l": rouge_l,
         "accuracy": lambda p, r: accuracy(p, r, labels),
     }[metric]

@@ -30,7 +30,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 PresetName = Literal["diff_attn", "lambda", "se_gate", "mlp", "adaptive_norm", "token_mixing", "all"]
 DataFormat = Literal["messages", "prompt_completion", "alpaca", "text"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
-Metric = Literal["loss", "perplexity", "exact_match", "rouge_l", "accuracy", "preference_accuracy"]
+Metric = Literal["loss", "perplexity", "exact_match", "f1", "rouge_l", "accuracy", "preference_accuracy"]
 # Every loss type TRL 1.16's DPOConfig accepts (trl/trainer/dpo_config.py, `loss_type`).
 LossType = Literal[
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -38,6 +38,7 @@ LossType = Literal[
 ]  # fmt: skip
 
 TINY = "tiny"
+NAMED_BASES = (TINY, "smollm2-135m")  # built locally on first use (lmdiff_ft/tiny.py, lmdiff_ft/smollm2.py)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical column names per data format; `data.fields` maps them to the dataset's own column names.
 FORMAT_FIELDS = {
@@ -116,7 +117,7 @@ def canonical_fields(data_format: str) -> tuple[str, ...]:
 
 @dataclass(kw_only=True)
 class BaseConfig:
-    """The model to fine-tune: `tiny` (the locally built tiny base), a checkpoint directory, or a Hub id."""
+    """The model to fine-tune: a named base (`tiny`, `smollm2-135m`), a checkpoint directory, or a Hub id."""
 
     path: str = field(metadata=NOT_EMPTY)
     convert_from_llama: bool = False
@@ -188,7 +189,7 @@ class TrainConfig:
     save_steps: int = field(default=100, metadata=POSITIVE)
     eval_steps: int | None = field(default=None, metadata=POSITIVE)
     save_total_limit: int | None = field(default=2, metadata=POSITIVE)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on when a micro-batch's activations need it
     optim: str = "adamw_torch"
 
 
@@ -222,6 +223,7 @@ class Task:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preference: PreferenceConfig | None = None
+    preference_task: str | None = None  # SFT: the DPO task that `lmdiff-ft dpo` (no task) continues this run with
     output_dir: str | None = None  # null → runs/<name>, relative to the working directory
     source_path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
@@ -381,7 +383,15 @@ def _coerce(value: Any, hint: Any, key: str, nullable: bool = False) -> Any:
     """Check `value` against a type hint; ints are accepted as floats, bools are not accepted as numbers."""
     origin = get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        return None if value is None else _coerce(value, _non_null(hint), key, nullable=True)
+        members = [a for a in get_args(hint) if a is not type(None)]
+        if value is None and len(members) < len(get_args(hint)):
+            return None
+        if len(members) == 1:
+            return _coerce(value, members[0], key, nullable=True)
+        for member in members:  # `bool | Literal["auto"]`: the first member that takes the value
+            with contextlib.suppress(_Invalid):
+                return _coerce(value, member, key)
+        raise _Invalid(f"{key}: expected {_describe(hint)}, got {_show(value)}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if origin is list:
@@ -406,16 +416,19 @@ def _coerce(value: Any, hint: Any, key: str, nullable: bool = False) -> Any:
 
 
 def _non_null(hint: Any) -> Any:
-    """`X | None` → X; any other hint unchanged."""
+    """`X | None` → X; any other hint (`X | Y` included) unchanged."""
     if get_origin(hint) in (types.UnionType, typing.Union):
-        (inner,) = [a for a in get_args(hint) if a is not type(None)]
-        return inner
+        members = [a for a in get_args(hint) if a is not type(None)]
+        return members[0] if len(members) == 1 else hint
     return hint
 
 
 def _describe(hint: Any) -> str:
+    if get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in get_args(hint) if a is not type(None))
     if get_origin(hint) is Literal:
-        return "one of " + ", ".join(get_args(hint))
+        options = get_args(hint)
+        return options[0] if len(options) == 1 else "one of " + ", ".join(options)
     if get_origin(hint) is list:
         return "a list"
     if get_origin(hint) is dict or dataclasses.is_dataclass(hint):
@@ -513,6 +526,11 @@ def _resolve_paths(task: Task, task_dir: Path) -> None:
     for source in (task.data.train, task.data.eval):
         if source is not None and (path := local_path(source.path, task_dir, data_file=True)) is not None:
             source.path = str(path)
+    if task.preference_task is not None:
+        path = _absolute(task.preference_task, task_dir)
+        if not path.is_file():
+            raise _Invalid(f"preference_task: no such task file: {path}")
+        task.preference_task = str(path)
     if task.adapter.init_adapter is not None:
         # Like output_dir, relative to the working directory: it names another run's output.
         path = _absolute(task.adapter.init_adapter, Path.cwd())
@@ -541,13 +559,14 @@ def _producer_hint(adapter_dir: Path, task_dir: Path) -> str:
 
 
 def _resolve_base(base: BaseConfig, task_dir: Path) -> None:
-    if base.is_tiny:
+    if base.path in NAMED_BASES:
         return
     path = local_path(base.path, task_dir)
     if path is None:
         if not HUB_ID.fullmatch(base.path):
             raise _Invalid(
-                f"base.path: expected 'tiny', a checkpoint directory or a Hub id 'org/name', got {base.path!r}"
+                f"base.path: expected {' or '.join(repr(n) for n in NAMED_BASES)}, a checkpoint directory or a Hub id "
+                f"'org/name', got {base.path!r}"
             )
         return
     if not path.exists():
@@ -629,5 +648,7 @@ def _check_preference(task: Task) -> None:
         )
     if task.template.completion is not None:
         raise _Invalid("template.completion: not used by preference data (chosen and rejected are used as they are)")
+    if task.preference_task is not None:
+        raise _Invalid("preference_task: names the DPO task of an SFT task; this task is the DPO one, remove it")
     if task.train.packing:
         raise _Invalid("train.packing: SFT only (TRL's DPOTrainer pads each pair; padding-free DPO is disabled in TRL)")

@@ -6,7 +6,7 @@ import pytest
 from test_sft import QA_BODY, write_jsonl, write_task
 
 from lmdiff_ft.cli import main
-from lmdiff_ft.dpo import run_dpo
+from lmdiff_ft.dpo import continuation_task, run_dpo
 from lmdiff_ft.errors import UserError
 from lmdiff_ft.tasks import load_task
 from lmdiff_ft.train import run_sft
@@ -109,3 +109,30 @@ def test_bad_pairs_are_named_by_row(tmp_path, tiny_base_path, pair_files, bad_ro
     write_jsonl(tmp_path / "pairs.jsonl", pairs(2) + [bad_row])
     with pytest.raises(UserError, match=expected):
         run_dpo(load_task(write_task(tmp_path, tiny_base_path, dpo_body(None), name="dpo")), dry_run=True)
+
+
+@pytest.mark.slow
+def test_dpo_without_a_task_continues_the_newest_sft_run(
+    tmp_path, tiny_base_path, sft_adapter, pair_files, capsys, monkeypatch
+):
+    dpo_task = write_task(tmp_path, tiny_base_path, dpo_body(None), name="dpo")
+    monkeypatch.chdir(tmp_path)  # `lmdiff-ft dpo` looks in ./runs
+    resolved = sft_adapter / "resolved_task.yaml"
+    assert main(["dpo", "--dry-run"]) == 2  # the SFT task names no preference_task
+    assert "names no `preference_task`" in capsys.readouterr().err
+    resolved.write_text(resolved.read_text().replace("preference_task: null", f"preference_task: {dpo_task}"))
+
+    task = continuation_task(["train.lr=1e-4"], runs=tmp_path / "runs")
+    assert task.name == "dpo" and task.adapter.init_adapter == str(sft_adapter)
+    assert task.base.path == str(tiny_base_path) and task.train.lr == 1e-4
+    # the CLI: no task at all, or only overrides
+    assert main(["dpo", "--dry-run"]) == 0
+    assert main(["dpo", "train.lr=1e-4", "--dry-run"]) == 0
+    assert "pair 1:" in capsys.readouterr().out
+
+
+def test_dpo_without_a_task_or_a_finished_sft_run_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["dpo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lmdiff-ft sft tasks/nasa_qa.yaml" in err

@@ -332,7 +332,7 @@ def test_base_forms(tmp_path):
         ("./models/missing", "base.path: no such directory: "),
         ("/nonexistent/model", "base.path: no such directory: /nonexistent/model"),
         ("data", "base.path: expected a checkpoint directory with config.json"),
-        ("not a hub id", "base.path: expected 'tiny', a checkpoint directory or a Hub id 'org/name', got 'not a hub"),
+        ("not a hub id", "base.path: expected 'tiny' or 'smollm2-135m', a checkpoint directory or a Hub id 'org/name'"),
         ("{seed: 1}", "missing required key 'base.path'"),
         ("5", "base: expected a string or a mapping with 'path', got 5"),
     ],
