@@ -1,5 +1,6 @@
-"""What every benchmark shares: command-line flags, the three model variants with their LoRA adapters,
-timing that is correct on CUDA, step peak memory, the machine's GEMM rate, and table/JSON output.
+"""What every benchmark shares: command-line flags, the model variants with their LoRA adapters, timing that is
+correct on CUDA, step peak memory, the machine's GEMM rate at the run's shapes, fresh worker processes, and
+table/JSON output.
 
 Variants are always measured interleaved in one process (round-robin over repeats, median per variant)
 so that the load of whatever else runs on the machine hits all of them alike; compare ratios.
@@ -12,6 +13,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,25 +25,44 @@ import psutil
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lmdiff_ft.convert import lmdiff_config_from_llama
 from lmdiff_ft.modeling import LmDiffForCausalLM
 
 from .naive_lmdiff import NaiveLmDiffForCausalLM
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).parent / "results"
 MIB = 2**20
 
 LORA_RANK = 16
-LMDIFF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q2_proj", "k2_proj", "se_gate.fc1", "se_gate.fc2"]
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-VARIANTS = ("lmdiff", "llama", "naive")
+DIFF_ATTN_LORA_TARGETS = [*LLAMA_LORA_TARGETS, "q2_proj", "k2_proj"]
+LMDIFF_LORA_TARGETS = [*DIFF_ATTN_LORA_TARGETS, "se_gate.fc1", "se_gate.fc2"]
+LORA_TARGETS = {
+    "lmdiff": LMDIFF_LORA_TARGETS,
+    "lmdiff-attn": DIFF_ATTN_LORA_TARGETS,  # no SE gate to adapt
+    "difflama": LLAMA_LORA_TARGETS,  # its differential attention runs on q/k/v/o alone
+    "llama": LLAMA_LORA_TARGETS,
+    "naive": LMDIFF_LORA_TARGETS,
+}
+# DiffLlama keeps its four λ vectors as bare parameters of the attention module, next to q/k/v/o: PEFT's
+# modules_to_save works on whole modules, so it could only train the entire attention block. They are unfrozen
+# after get_peft_model instead, which trains them as LM-Diff's saved `diff_lambda` is (PEFT does not save them).
+DIFFLLAMA_LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+VARIANTS = ("lmdiff", "lmdiff-attn", "difflama", "llama", "naive")
 VARIANT_LABELS = {
     "lmdiff": "LM-Diff (ours)",
+    "lmdiff-attn": "LM-Diff, diff. attention only (ours)",
+    "difflama": "DiffLlama (transformers, sdpa)",
     "llama": "Llama (transformers, sdpa)",
     "naive": "LM-Diff naive reference",
 }
+# the LM-Diff switches that leave differential attention as the only component on (subln is off after
+# conversion anyway): the architecture DiffLlama implements, so the two rows compare implementations
+DIFF_ATTN_ONLY = dict(use_adaptive_norm=False, use_token_mixing=False, use_se_gate=False)
+GEMM_MAX_TOKENS = 4096  # the GEMM probe's row cap: taller products add time to the probe, not rate
 
 
 @dataclass(frozen=True)
@@ -55,16 +77,20 @@ class Dims:
     vocab: int = 32000
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_dims_args(parser: argparse.ArgumentParser) -> None:
     defaults = Dims()
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--layers", type=int, default=defaults.layers)
     parser.add_argument("--hidden", type=int, default=defaults.hidden)
     parser.add_argument("--intermediate", type=int, default=defaults.intermediate)
     parser.add_argument("--heads", type=int, default=defaults.heads)
     parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
     parser.add_argument("--vocab", type=int, default=defaults.vocab)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dims_args(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<script>.json)")
@@ -106,32 +132,46 @@ def shared_config_fields(dims: Dims) -> dict:
 
 def build_model(variant: str, dims: Dims, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A randomly initialised model. LM-Diff uses the config `lmdiff-ft convert` gives the same Llama (every
-    component on, subln off): the model users fine-tune. Random weights: the speed does not depend on them."""
+    component on, subln off): the model users fine-tune; `lmdiff-attn` the same with differential attention
+    alone. DiffLlama supports SDPA (`_supports_sdpa`), so it runs on it like Llama. Random weights: the speed
+    does not depend on them."""
     torch.manual_seed(0)
     llama_config = LlamaConfig(**shared_config_fields(dims), attn_implementation="sdpa")
     with device:
         if variant == "llama":
             model = LlamaForCausalLM(llama_config)
+        elif variant == "difflama":
+            model = DiffLlamaForCausalLM(DiffLlamaConfig(**shared_config_fields(dims), attn_implementation="sdpa"))
         elif variant == "lmdiff":
             model = LmDiffForCausalLM(lmdiff_config_from_llama(llama_config))
+        elif variant == "lmdiff-attn":
+            model = LmDiffForCausalLM(lmdiff_config_from_llama(llama_config, **DIFF_ATTN_ONLY))
         elif variant == "naive":
             model = NaiveLmDiffForCausalLM(lmdiff_config_from_llama(llama_config))
         else:
             raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
-    return model.to(dtype)
+    # .to(device) too: DiffLlama draws its λ vectors with torch.normal(mean, std, size), which ignores the
+    # device context and leaves them on the CPU
+    return model.to(device=device, dtype=dtype)
 
 
 def lora_config(variant: str) -> LoraConfig:
-    """r=16 on the attention projections (and, for LM-Diff, q2/k2 and the SE gate); LM-Diff also trains λ."""
-    if variant == "llama":
-        return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LLAMA_LORA_TARGETS)
+    """r=16 on the attention projections (LM-Diff: also q2/k2, and the SE gate where it has one); LM-Diff also
+    trains λ as a saved module. DiffLlama's λ are unfrozen by `build_lora_model`."""
+    saved = None if variant in ("llama", "difflama") else ["diff_lambda"]
     return LoraConfig(
-        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LMDIFF_LORA_TARGETS, modules_to_save=["diff_lambda"]
+        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LORA_TARGETS[variant], modules_to_save=saved
     )
 
 
 def build_lora_model(variant: str, dims: Dims, device: torch.device, dtype: torch.dtype) -> PeftModel:
-    return get_peft_model(build_model(variant, dims, device, dtype), lora_config(variant))
+    """The variant with its LoRA adapter; for DiffLlama also its λ vectors trainable (see DIFFLLAMA_LAMBDAS)."""
+    model = get_peft_model(build_model(variant, dims, device, dtype), lora_config(variant))
+    if variant == "difflama":
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in DIFFLLAMA_LAMBDAS:
+                param.requires_grad_(True)
+    return model
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,23 +192,34 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int = 4096) -> Callable[[], float]:
-    """A timer of one size×size×size `torch.mm`: call it once per round, interleaved with the variants.
-    On a GPU one product takes well under a millisecond, so it times a burst of them and divides."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+def gemm_shape(dims: Dims, tokens: int) -> tuple[int, int, int]:
+    """The GEMM probe's (rows, inner, columns): the MLP's up projection of this many tokens, the model's largest
+    per-layer weight product and the kind its FLOPs are mostly made of, with the rows capped. Sized from the run
+    so that the rate is the one this step's products can reach, and tiny runs (tests; bf16 on a CPU without
+    bf16 instructions, ~1 GFLOP/s) probe a tiny product."""
+    return min(tokens, GEMM_MAX_TOKENS), dims.hidden, dims.intermediate
+
+
+def gemm_flops(shape: tuple[int, int, int]) -> float:
+    rows, inner, columns = shape
+    return 2.0 * rows * inner * columns
+
+
+def gemm_seconds(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> Callable[[], float]:
+    """A timer of one activations × weightᵀ `torch.mm` of `shape`, as `nn.Linear` runs it: call it once per round,
+    interleaved with the variants. On a GPU one product takes well under a millisecond, so it times a burst of
+    them and divides."""
+    rows, inner, columns = shape
+    activations = torch.randn(rows, inner, device=device, dtype=dtype)
+    weight = torch.randn(columns, inner, device=device, dtype=dtype)
     calls = 20 if device.type == "cuda" else 1
-    torch.mm(a, b)  # warm-up: thread pool, cuBLAS handle
+    torch.mm(activations, weight.t())  # warm-up: thread pool, cuBLAS handle
 
     def burst() -> None:
         for _ in range(calls):
-            torch.mm(a, b)
+            torch.mm(activations, weight.t())
 
     return lambda: time_call(burst, device) / calls
-
-
-def gemm_flops(size: int = 4096) -> float:
-    return 2.0 * size**3
 
 
 MEMORY_NOTE = {
@@ -186,7 +237,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -232,7 +284,7 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     before = psutil.Process().memory_info().rss
     if _reset_peak_rss():
         fn()
-        return _peak_rss() - before
+        return peak_rss() - before
     return _sampled_peak_rss(fn) - before
 
 
@@ -281,10 +333,24 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
+def run_worker(module: str, flags: list[str], what: str) -> dict:
+    """`python -m module *flags` in a fresh interpreter from the repository root, so that its peak memory and
+    whatever it patches are its own; its last line of output is its JSON result. A failure raises with the
+    tail of the worker's stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", module, *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit status {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def write_json(script: str, args: argparse.Namespace, device: torch.device, payload: dict) -> Path:
     path = args.out or RESULTS_DIR / f"{script}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    document = {"machine": machine_info(device), "dims": asdict(dims_from_args(args)), "flags": flags, **payload}
+    # the scripts that build their models from --layers, --hidden, ... record the dims
+    dims = {"dims": asdict(dims_from_args(args))} if hasattr(args, "hidden") else {}
+    document = {"machine": machine_info(device), **dims, "flags": flags, **payload}
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path

@@ -104,7 +104,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32, 512, 2048])
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument(
         "--no-cache-tokens", type=int, default=3, help="tokens per run without the cache (< 2 skips that mode)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device, dtype = setup(args)
 
     load_before = load_average()

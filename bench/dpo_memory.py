@@ -1,30 +1,30 @@
 """Peak process memory and step time of DPO vs SFT on the same base, quantization and sequence length.
 
-    python -m bench.dpo_memory [--checkpoint runs/bench/tinyllama-dims-lmdiff-2l] [--quantization nf4]
+    python -m bench.dpo_memory [--layers 2] [--quantization nf4] [--seq-len 256]
+    python -m bench.dpo_memory --checkpoint DIR    # train on DIR; built there at the dims flags if missing
 
 Each trainer runs in a fresh process: load the base, attach the default presets, build TRL's trainer
 exactly as `lmdiff-ft sft` / `lmdiff-ft dpo` do, and train two steps on rows of `--seq-len` tokens
 (a DPO row is a prompt with two answers of that total length, so it costs two sequences). DPO's
 reference is the frozen copy of the adapter on the same base, so no second model is loaded. Peak is
-the process's VmHWM. The checkpoint is the random TinyLlama-dims LM-Diff that
-`python -m bench.qlora_memory --layers 2` writes (2 layers to fit the time); the tokenizer is the tiny base's.
+the process's VmHWM. The base is a random LM-Diff at the dims flags (default: TinyLlama's layer shape,
+2 layers to fit the time), written by bench/qlora_memory.py's builder to runs/bench/ on first use (the
+checkpoint `python -m bench.qlora_memory --layers 2` uses); the tokenizer is the tiny base's.
 """
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-RESULTS_FILE = Path(__file__).parent / "results" / "dpo_memory.json"
+import torch
 
+from lmdiff_ft.loading import default_device
 
-def peak_rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1e6
-    return float("nan")
+from .common import add_dims_args, dims_from_args, peak_rss, run_worker, write_json
+from .qlora_memory import build_checkpoint, checkpoint_dir
+
+TRAINERS = ("sft", "dpo")
 
 
 def rows(kind: str, seq_len: int, n: int = 8) -> list[dict]:
@@ -39,7 +39,6 @@ def rows(kind: str, seq_len: int, n: int = 8) -> list[dict]:
 def worker(kind: str, checkpoint: str, quantization: str, seq_len: int) -> dict:
     import tempfile
 
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -81,51 +80,46 @@ def worker(kind: str, checkpoint: str, quantization: str, seq_len: int) -> dict:
         "trainer": kind,
         "load_s": round(load_s, 1),
         "step_s": round(step_s, 1),
-        "peak_rss_gb": round(peak_rss_gb(), 3),
+        "peak_rss_gb": round(peak_rss() / 1e9, 3),
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="runs/bench/tinyllama-dims-lmdiff-2l")
+    add_dims_args(parser)
+    parser.add_argument(
+        "--checkpoint", type=Path, help="LM-Diff checkpoint dir (default: runs/bench/ by dims; built if missing)"
+    )
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=RESULTS_FILE)
-    parser.add_argument("--worker", choices=["sft", "dpo"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/dpo_memory.json)")
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.checkpoint, args.quantization, args.seq_len)))
+        print(json.dumps(worker(args.worker, str(args.checkpoint), args.quantization, args.seq_len)))
         return
+
+    dims = dims_from_args(args)
+    checkpoint = (args.checkpoint or checkpoint_dir(dims)).resolve()
+    if not (checkpoint / "config.json").is_file():
+        print(f"writing a random LM-Diff checkpoint ({dims}) to {checkpoint}")
+        build_checkpoint(checkpoint, dims)
     results = []
-    for kind in ("sft", "dpo"):
-        command = [
-            sys.executable,
-            "-m",
-            "bench.dpo_memory",
-            "--worker",
-            kind,
-            "--checkpoint",
-            args.checkpoint,
-            "--quantization",
-            args.quantization,
-            "--seq-len",
-            str(args.seq_len),
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+    for kind in TRAINERS:
+        flags = ["--worker", kind, "--checkpoint", str(checkpoint), "--quantization", args.quantization]
+        results.append(run_worker("bench.dpo_memory", [*flags, "--seq-len", str(args.seq_len)], f"{kind} worker"))
         print(results[-1], flush=True)
     ratio = results[1]["peak_rss_gb"] / results[0]["peak_rss_gb"]
     summary = {
         "command": "python -m bench.dpo_memory",
-        "checkpoint": args.checkpoint,
+        "checkpoint": str(checkpoint),
         "quantization": args.quantization,
         "seq_len": args.seq_len,
         "rows": results,
         "dpo_over_sft_peak": round(ratio, 3),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"DPO peak / SFT peak = {ratio:.2f}")
+    path = write_json("dpo_memory", args, default_device(), summary)
+    print(f"DPO peak / SFT peak = {ratio:.2f}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Every variant runs under two allocator policies: glibc's default, and the 128 Ki
 `load_base` pins for CPU runs on checkpoints over 1 GiB (`loading.pin_malloc_mmap_threshold`).
 
 The random checkpoint (fp32 safetensors, one shard per decoder layer, as `save_pretrained` lays out a sharded
-checkpoint) is written once under runs/bench/, one layer at a time, so building it never holds the model.
+checkpoint) is written once under runs/bench/, one layer at a time, so building it never holds the model;
+bench/dpo_memory.py builds its own with the same function.
 
 Peak RSS is the process's VmHWM, which is what ru_maxrss reports too, except that Linux carries the parent's
 peak over into a child's ru_maxrss across fork + exec. It counts every resident page, including the pages of
@@ -19,9 +20,7 @@ pages are read, and its load time spent, during the step.
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -35,32 +34,37 @@ from lmdiff_ft.modeling import LmDiffConfig
 from lmdiff_ft.modeling.modeling_lmdiff import LmDiffDecoderLayer
 from lmdiff_ft.outputs import atomic_output_dir
 
-from .common import machine_info, print_table
+from .common import REPO_ROOT, Dims, machine_info, print_table, run_worker
 
 RESULTS_FILE = Path(__file__).parent / "results" / "qlora_memory.json"
-CHECKPOINT_ROOT = Path(__file__).parent.parent / "runs" / "bench"
+CHECKPOINT_ROOT = REPO_ROOT / "runs" / "bench"
 GB = 1e9
-TINYLLAMA_DIMS = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
 VARIANTS = ("nf4-stock", "nf4-streaming", "int8-stock", "int8-streaming", "none-stock")
 MALLOC_POLICIES = ("pinned", "glibc")
 LORA_RANK = 16
 
 
-def checkpoint_dir(layers: int) -> Path:
-    return CHECKPOINT_ROOT / f"tinyllama-dims-lmdiff-{layers}l"
+def checkpoint_dir(dims: Dims) -> Path:
+    """runs/bench/tinyllama-dims-lmdiff-<layers>l at TinyLlama's layer shape (the default Dims), else named by dims."""
+    if dims == Dims(layers=dims.layers):
+        return CHECKPOINT_ROOT / f"tinyllama-dims-lmdiff-{dims.layers}l"
+    shape = f"h{dims.hidden}-i{dims.intermediate}-a{dims.heads}-kv{dims.kv_heads}-v{dims.vocab}"
+    return CHECKPOINT_ROOT / f"lmdiff-{dims.layers}l-{shape}"
 
 
-def build_checkpoint(out: Path, layers: int) -> None:
+def build_checkpoint(out: Path, dims: Dims) -> None:
     """A random LM-Diff (every component on, PyTorch's default init) in fp32, written one decoder layer per shard
     so that at most one layer is ever in memory."""
-    config = LmDiffConfig(num_hidden_layers=layers, **TINYLLAMA_DIMS)
+    config = LmDiffConfig(
+        num_hidden_layers=dims.layers,
+        hidden_size=dims.hidden,
+        intermediate_size=dims.intermediate,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        vocab_size=dims.vocab,
+        max_position_embeddings=2048,
+    )
+    layers = dims.layers
     shards = layers + 1
     weight_map = {}
     total = 0
@@ -201,13 +205,8 @@ def measure(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
 
 def run_variant(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
     """One variant in a fresh interpreter, so that its peak RSS is its own."""
-    command = [sys.executable, "-m", "bench.qlora_memory", "--worker", variant, "--malloc", malloc]
-    command += ["--seq-len", str(seq_len), "--checkpoint", str(path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
-    if result.returncode != 0:
-        raise RuntimeError(f"{variant} ({malloc} malloc) failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    flags = ["--worker", variant, "--malloc", malloc, "--seq-len", str(seq_len), "--checkpoint", str(path)]
+    return run_worker("bench.qlora_memory", flags, f"{variant} ({malloc} malloc)")
 
 
 COLUMNS = [
@@ -239,10 +238,10 @@ def main() -> None:
         print(json.dumps(measure(args.worker, args.malloc[0], args.checkpoint, args.seq_len)))
         return
 
-    path = checkpoint_dir(args.layers)
+    path = checkpoint_dir(Dims(layers=args.layers))
     if not (path / "config.json").is_file():
         print(f"writing a random {args.layers}-layer checkpoint to {path}")
-        build_checkpoint(path, args.layers)
+        build_checkpoint(path, Dims(layers=args.layers))
     rows = []
     for malloc in args.malloc:
         for variant in args.variants:

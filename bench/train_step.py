@@ -1,12 +1,13 @@
 """Tokens/s, peak memory and MFU of one LoRA training step (forward + backward + AdamW step), for our
-LM-Diff, transformers' Llama (sdpa) with the same dims, and the naive LM-Diff reference, side by side.
+LM-Diff (every component on, and differential attention alone), transformers' DiffLlama and Llama (sdpa)
+with the same dims, and the naive LM-Diff reference, side by side.
 
-    python -m bench.train_step [--seq-lens 256 1024 2048] [--variants lmdiff llama naive] [--layers 2]
+    python -m bench.train_step [--seq-lens 256 1024 2048] [--variants lmdiff lmdiff-attn difflama llama naive]
     python -m bench.train_step --device cuda --dtype bfloat16
 
-Each round times one 4096³ GEMM and one step of every variant, back to back; ratios and MFU are taken
-within a round (so a burst of load elsewhere on the machine hits both sides of a ratio) and the median
-over rounds is reported.
+Each round times one GEMM of the step's own shape (`common.gemm_shape`) and one step of every variant,
+back to back; ratios and MFU are taken within a round (so a burst of load elsewhere on the machine hits
+both sides of a ratio) and the median over rounds is reported.
 """
 
 import argparse
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .common import (
+    GEMM_MAX_TOKENS,
     MEMORY_NOTE,
     MIB,
     VARIANT_LABELS,
@@ -24,6 +26,7 @@ from .common import (
     dims_from_args,
     gemm_flops,
     gemm_seconds,
+    gemm_shape,
     held_bytes,
     load_average,
     median,
@@ -34,6 +37,16 @@ from .common import (
     write_json,
 )
 from .flops import training_flops_per_token
+
+# (numerator, denominator) pairs whose tokens/s ratio is printed and saved: the whole LM-Diff against each yardstick,
+# and LM-Diff's differential attention alone against DiffLlama's, the same architecture implemented twice
+SPEED_RATIOS = (
+    ("lmdiff", "llama"),
+    ("lmdiff", "difflama"),
+    ("lmdiff-attn", "difflama"),
+    ("lmdiff", "lmdiff-attn"),
+    ("lmdiff", "naive"),
+)
 
 
 def make_step(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[Callable[[], None], torch.optim.Optimizer]:
@@ -49,11 +62,20 @@ def make_step(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[Callable[[]
     return step, optimizer
 
 
+def speed_ratio(rounds: list[dict], variant: str, other: str) -> float:
+    """`variant`'s tokens/s ÷ `other`'s: the median over rounds of the ratio within each round."""
+    return median([r[other] / r[variant] for r in rounds])
+
+
 def measure_seq_len(
-    models: dict[str, torch.nn.Module], seq_len: int, args: argparse.Namespace, device: torch.device, gemm_timer
-) -> list[dict]:
+    models: dict[str, torch.nn.Module], seq_len: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[list[dict], list[dict]]:
+    """The rows of one sequence length, and the SPEED_RATIOS among the variants measured."""
     dims = dims_from_args(args)
     tokens = torch.randint(3, dims.vocab, (args.batch, seq_len), device=device)
+    tokens_per_step = args.batch * seq_len
+    shape = gemm_shape(dims, tokens_per_step)
+    gemm_timer = gemm_seconds(device, dtype, shape)
     steps, peaks, held = {}, {}, {}
     for variant, model in models.items():
         steps[variant], optimizer = make_step(model, tokens)
@@ -69,7 +91,6 @@ def measure_seq_len(
         rounds.append(timings)
 
     rows = []
-    tokens_per_step = args.batch * seq_len
     flops = {variant: training_flops_per_token(variant, dims, seq_len)["total"] for variant in models}
     for variant in models:
         row = {
@@ -82,33 +103,44 @@ def measure_seq_len(
             "step_peak_mib": peaks[variant] / MIB,
             "held_mib": held[variant] / MIB,
             "flops_per_token": flops[variant],
-            "gemm_flops_per_s": gemm_flops() / median([r["gemm"] for r in rounds]),
-            "mfu": median([flops[variant] * tokens_per_step / r[variant] * r["gemm"] / gemm_flops() for r in rounds]),
+            "gemm_shape": shape,
+            "gemm_flops_per_s": gemm_flops(shape) / median([r["gemm"] for r in rounds]),
+            "mfu": median(
+                [flops[variant] * tokens_per_step / r[variant] * r["gemm"] / gemm_flops(shape) for r in rounds]
+            ),
         }
         if variant != "lmdiff" and "lmdiff" in models:
-            row["lmdiff_speed_ratio"] = median([r[variant] / r["lmdiff"] for r in rounds])
+            row["lmdiff_speed_ratio"] = speed_ratio(rounds, "lmdiff", variant)
             # the ratio an LM-Diff step would reach if its matrix products ran at the full GEMM rate and
             # everything else were free: no implementation of the architecture can beat this on this machine
-            lmdiff_floor = flops["lmdiff"] * tokens_per_step / gemm_flops()
+            lmdiff_floor = flops["lmdiff"] * tokens_per_step / gemm_flops(shape)
             row["lmdiff_speed_ratio_ceiling"] = median([r[variant] / (lmdiff_floor * r["gemm"]) for r in rounds])
         rows.append(row)
-    return rows
+    ratios = [
+        {"seq_len": seq_len, "variant": variant, "over": other, "ratio": speed_ratio(rounds, variant, other)}
+        for variant, other in SPEED_RATIOS
+        if variant in models and other in models
+    ]
+    return rows, ratios
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device, dtype = setup(args)
     dims = dims_from_args(args)
 
     load_before = load_average()
     models = {variant: build_lora_model(variant, dims, device, dtype).train() for variant in args.variants}
-    gemm_timer = gemm_seconds(device, dtype)
-    rows = [row for seq_len in args.seq_lens for row in measure_seq_len(models, seq_len, args, device, gemm_timer)]
+    rows, ratios = [], []
+    for seq_len in args.seq_lens:
+        seq_rows, seq_ratios = measure_seq_len(models, seq_len, args, device, dtype)
+        rows += seq_rows
+        ratios += seq_ratios
 
     print(f"LoRA training step, {args.dtype} on {device}, batch {args.batch}, {dims}")
     print_table(
@@ -131,10 +163,20 @@ def main() -> None:
         "run at the measured GEMM rate with nothing else costing time (this row's step time / that floor).\n"
         f"{MEMORY_NOTE[device.type]}; held = parameters, buffers, grads and AdamW state.\n"
         "MFU = model training FLOPs/token (bench/flops.py) x tokens/s / GEMM rate, per round, median; GEMM rate\n"
-        f"= one 4096^3 torch.mm in {args.dtype} (median {rows[0]['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)."
+        f"= one torch.mm in {args.dtype} of the step's MLP up projection (tokens x hidden x intermediate, at most\n"
+        f"{GEMM_MAX_TOKENS} rows), median:"
     )
+    for row in {row["seq_len"]: row for row in rows}.values():  # one probe per sequence length
+        shape = " x ".join(map(str, row["gemm_shape"]))
+        print(f"  seq {row['seq_len']}: {shape}, {row['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    if ratios:
+        print("\ntokens/s ratios (median of per-round ratios):")
+        print_table(
+            [{**r, "pair": f"{VARIANT_LABELS[r['variant']]} / {VARIANT_LABELS[r['over']]}"} for r in ratios],
+            [("pair", "ratio of tokens/s"), ("seq_len", "seq"), ("ratio", "x")],
+        )
     print(f"1-minute load average before/after: {load_before} / {load_average()} (other work slows small ops most).")
-    payload = {"load_average": {"before": load_before, "after": load_average()}, "rows": rows}
+    payload = {"load_average": {"before": load_before, "after": load_average()}, "rows": rows, "ratios": ratios}
     print(f"wrote {write_json('train_step', args, device, payload)}")
 
 

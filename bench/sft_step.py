@@ -1,0 +1,142 @@
+"""Where one optimizer step of `lmdiff-ft sft` on the real base spends its time, today and as it was before the
+speed work, on the task's own rows.
+
+    python -m bench.sft_step                      # tasks/nasa_qa.yaml as shipped: nf4, its batch and accumulation
+    python -m bench.sft_step --baseline           # the same rows with the settings of before the speed work
+    python -m bench.sft_step --task T --overrides quantization=none
+
+One optimizer step = `grad_accum` micro-batches of the task's first training rows, each through TRL's own
+`compute_loss` and a backward pass, as `SFTTrainer` runs them (the optimizer update of a LoRA adapter is
+negligible and left out). A warm-up step, then `--repeats` timed steps (median), then one step under
+torch.profiler, whose operators are grouped: matrix products (mm/addmm/bmm and bitsandbytes' 4-bit GEMM), attention
+(SDPA forward and backward), nf4 dequantisation, and everything else. Peak RSS is the process's VmHWM.
+
+`--baseline` undoes each change measured in the README, all at once: gradient checkpointing on (TRL's default
+and ours before `auto`), one micro-batch of 16 rows, TRL's LM head projecting every position on CPU (before
+`integrations/trl.py`), fc_gamma quantized and computed although it is exactly zero.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch.profiler import ProfilerActivity, profile
+from trl import SFTTrainer
+
+from lmdiff_ft import loading
+from lmdiff_ft.integrations import trl as trl_integration
+from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm
+from lmdiff_ft.tasks import load_task
+from lmdiff_ft.train import load_model, prepare_rows, trainer_construction, training_arguments
+
+from .common import REPO_ROOT, load_average, peak_rss, write_json
+
+DEFAULT_TASK = REPO_ROOT / "tasks" / "nasa_qa.yaml"
+BASELINE_OVERRIDES = ["train.gradient_checkpointing=true", "train.batch_size=16", "train.grad_accum=1"]
+GROUPS = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "bitsandbytes::gemm_4bit"),
+    "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu", "flash_attention"),
+    "nf4 dequantisation": ("bitsandbytes::dequantize_4bit", "bitsandbytes::dequantize_blockwise"),
+}
+
+
+def apply_baseline() -> None:
+    """The code paths of before the speed work (see the module docstring)."""
+    loading.NOT_QUANTIZED = [p for p in loading.NOT_QUANTIZED if "fc_gamma" not in p]
+    trl_integration.score_labelled_positions_only = lambda: None
+    LmDiffAdaptiveRMSNorm._gamma_is_frozen_zero = lambda self: False
+
+
+def build_trainer(task_path: Path, overrides: list[str]) -> tuple[SFTTrainer, int]:
+    task = load_task(task_path, overrides)
+    train_rows, eval_rows = prepare_rows(task)
+    base, model, checkpointing = load_model(task, Console())
+    out = Path(tempfile.mkdtemp(prefix="sft-step-"))
+    with trainer_construction(model, out):
+        trainer = SFTTrainer(
+            model=model,
+            args=training_arguments(task, out, base, checkpointing, packing=task.train.packing),
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            processing_class=base.tokenizer,
+        )
+    trainer.model.train()
+    if checkpointing:  # what Trainer.train() does before the first step
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return trainer, task.train.grad_accum
+
+
+def operator_groups(prof) -> dict[str, float]:
+    """Self CPU seconds per operator group, and the total."""
+    seconds = {name: 0.0 for name in GROUPS} | {"other": 0.0}
+    for event in prof.key_averages():
+        group = next((g for g, keys in GROUPS.items() if any(k in event.key for k in keys)), "other")
+        seconds[group] += event.self_cpu_time_total / 1e6
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", type=Path, default=DEFAULT_TASK)
+    parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("--baseline", action="store_true", help="the settings and code paths of before")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.baseline:
+        apply_baseline()
+        overrides = BASELINE_OVERRIDES + overrides
+    load_before = load_average()
+    trainer, accumulation = build_trainer(args.task, overrides)
+    batches = trainer.get_train_dataloader()
+    micro_batches = [batch for _, batch in zip(range(accumulation), batches, strict=False)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+
+    def step() -> float:
+        started = time.perf_counter()
+        for batch in micro_batches:
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=trained)
+            loss.backward()
+        trainer.model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    step()  # warm-up
+    seconds = statistics.median(step() for _ in range(args.repeats))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    groups = operator_groups(prof)
+    result = {
+        "task": str(args.task),
+        "overrides": overrides,
+        "baseline": args.baseline,
+        "rows": sum(len(b["input_ids"]) for b in micro_batches),
+        "micro_batches": accumulation,
+        "padded_tokens": sum(b["input_ids"].numel() for b in micro_batches),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "step_s": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "peak_rss_gib": round(peak_rss() / 2**30, 2),
+        "profile_s": {name: round(value, 2) for name, value in groups.items()},
+        "load_average": [load_before, load_average()],
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"{'baseline' if args.baseline else 'current'}: {result['rows']} rows in {accumulation} micro-batch(es), "
+        f"{tokens} tokens ({result['padded_tokens']} with padding, {trained} trained): step {seconds:.1f} s, "
+        f"{result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_gib']} GiB"
+    )
+    for name, value in groups.items():
+        print(f"  {name:20s} {value:6.2f} s  {100 * value / groups['total']:5.1f}%")
+    write_json("sft_step_baseline" if args.baseline else "sft_step", args, trainer.model.device, result)
+
+
+if __name__ == "__main__":
+    main()
