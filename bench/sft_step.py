@@ -20,15 +20,19 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 from rich.console import Console
 from torch.profiler import ProfilerActivity, profile
 from trl import SFTTrainer
+from trl.kernels import chunked_logprob
+from trl.trainer import utils as trl_utils
 
-from lmdiff_ft import loading
-from lmdiff_ft.integrations import trl as trl_integration
+from lmdiff_ft import loading, train
 from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm
 from lmdiff_ft.tasks import load_task
 from lmdiff_ft.train import load_model, prepare_rows, trainer_construction, training_arguments
@@ -44,11 +48,17 @@ GROUPS = {
 }
 
 
-def apply_baseline() -> None:
-    """The code paths of before the speed work (see the module docstring)."""
-    loading.NOT_QUANTIZED = [p for p in loading.NOT_QUANTIZED if "fc_gamma" not in p]
-    trl_integration.score_labelled_positions_only = lambda: None
-    LmDiffAdaptiveRMSNorm._gamma_is_frozen_zero = lambda self: False
+@contextmanager
+def code_paths(baseline: bool) -> Iterator[None]:
+    """Today's code, or (baseline) the code paths of before the speed work (see the module docstring)."""
+    with ExitStack() as patches:
+        if baseline:
+            quantized_gamma = [p for p in loading.NOT_QUANTIZED if "fc_gamma" not in p]
+            patches.enter_context(mock.patch.object(loading, "NOT_QUANTIZED", quantized_gamma))
+            patches.enter_context(mock.patch.object(train, "score_labelled_positions_only", lambda: None))
+            patches.enter_context(mock.patch.object(trl_utils, "_use_triton", chunked_logprob._use_triton))
+            patches.enter_context(mock.patch.object(LmDiffAdaptiveRMSNorm, "_gamma_is_frozen_zero", lambda self: False))
+        yield
 
 
 def build_trainer(task_path: Path, overrides: list[str]) -> tuple[SFTTrainer, int]:
@@ -88,11 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.baseline:
-        apply_baseline()
-        overrides = BASELINE_OVERRIDES + overrides
+    overrides = (BASELINE_OVERRIDES if args.baseline else []) + list(args.overrides)
     load_before = load_average()
+    with code_paths(args.baseline):
+        measure(args, overrides, load_before)
+
+
+def measure(args: argparse.Namespace, overrides: list[str], load_before: float | None) -> None:
     trainer, accumulation = build_trainer(args.task, overrides)
     batches = trainer.get_train_dataloader()
     micro_batches = [batch for _, batch in zip(range(accumulation), batches, strict=False)]

@@ -59,7 +59,11 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     if args.task is not None and "=" in args.task and not args.task.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.task)  # `lmdiff-ft dpo train.lr=1e-4`: an override, not a task file
         args.task = None
-    task = load_task(args.task, args.overrides) if args.task else continuation_task(args.overrides)
+    if args.task:
+        task = load_task(args.task, args.overrides)
+    else:
+        task = continuation_task(args.overrides)
+        print(f"continuing the newest finished SFT run, {task.adapter.init_adapter}, with {task.source_path}")
     run_dpo(task, dry_run=args.dry_run, resume=args.resume)
 
 

@@ -143,7 +143,8 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         checkpointing,
         config_class=DPOConfig,
         beta=task.preference.beta,
-        loss_type=[task.preference.loss_type],
+        loss_type=task.preference.loss_type,
+        loss_weights=task.preference.loss_weights,
     )
     with trainer_construction(model, out):
         trainer = DPOTrainer(
@@ -164,7 +165,7 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     before = metrics_before(out, checkpoint, lambda: evaluate()[0])
     summary = {
         "data": f"{len(train_pairs)} preference pairs from {source_name(task, 'train')}, {len(eval_pairs)} held out",
-        "DPO": f"beta {task.preference.beta}, loss {task.preference.loss_type}, reference: "
+        "DPO": f"beta {task.preference.beta}, loss {' + '.join(task.preference.loss_type)}, reference: "
         + ("the starting adapter, frozen" if task.adapter.init_adapter else "the base (adapter disabled)"),
     }
     metrics = train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)

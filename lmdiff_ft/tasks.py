@@ -208,7 +208,10 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class PreferenceConfig:
     beta: float = field(default=0.1, metadata=POSITIVE)
-    loss_type: LossType = "sigmoid"
+    # one loss or several summed, e.g. [sigmoid, sft]: DPO plus the chosen answers' NLL (RPO), which keeps the
+    # policy producing the chosen answers (and their end-of-turn token) while it learns to prefer them
+    loss_type: list[LossType] = field(default_factory=lambda: ["sigmoid"], metadata=NOT_EMPTY)
+    loss_weights: list[float] | None = None  # one per loss_type; null: all 1
 
 
 @dataclass(kw_only=True)
@@ -650,5 +653,10 @@ def _check_preference(task: Task) -> None:
         raise _Invalid("template.completion: not used by preference data (chosen and rejected are used as they are)")
     if task.preference_task is not None:
         raise _Invalid("preference_task: names the DPO task of an SFT task; this task is the DPO one, remove it")
+    weights, losses = task.preference.loss_weights, task.preference.loss_type
+    if weights is not None and len(weights) != len(losses):
+        raise _Invalid(
+            f"preference.loss_weights: expected one weight per loss_type ({len(losses)}), got {len(weights)}"
+        )
     if task.train.packing:
         raise _Invalid("train.packing: SFT only (TRL's DPOTrainer pads each pair; padding-free DPO is disabled in TRL)")

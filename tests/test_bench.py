@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench` lives at the repository root
-from bench import decode, dpo_memory, sft_throughput, train_step  # noqa: E402
+from bench import decode, dpo_memory, sft_step, sft_throughput, train_step  # noqa: E402
 from bench.common import (  # noqa: E402
     DIFFLLAMA_LAMBDAS,
     GEMM_MAX_TOKENS,
@@ -24,6 +24,8 @@ from bench.common import (  # noqa: E402
     gemm_shape,
 )
 from bench.flops import training_flops_per_token, weight_flops_per_token  # noqa: E402
+from lmdiff_ft import loading  # noqa: E402
+from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm  # noqa: E402
 
 SMALL = ["--layers", "2", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "128"]
 SMALL_DIMS = Dims(layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=128)
@@ -141,3 +143,24 @@ def test_sft_throughput_runs_both_sides_on_the_same_tokens(tmp_path, monkeypatch
     lmdiff, stock = result["runs"]  # one round: the same rows in the same order, so the same tokens
     assert lmdiff["trained_tokens_per_step"] == stock["trained_tokens_per_step"]
     assert lmdiff["total_tokens"] == stock["total_tokens"] > lmdiff["trained_tokens"] > 0
+
+
+def test_sft_step_profiles_one_optimizer_step_today_and_as_before(tmp_path, tiny_base_path):
+    rows = [{"question": f"Which planet does probe {i} study?", "answer": "Mars"} for i in range(32)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "qa.yaml"
+    task.write_text(
+        f"name: qa\nbase: {tiny_base_path}\nquantization: nf4\n"
+        "data: {train: qa.jsonl, fields: {prompt: question, completion: answer}}\n"
+        "train: {batch_size: 2, grad_accum: 2, max_length: 64}\n"
+    )
+    for baseline in (False, True):
+        out = tmp_path / f"step-{baseline}.json"
+        sft_step.main(["--task", str(task), "--repeats", "1", "--out", str(out)] + ["--baseline"] * baseline)
+        result = json.loads(out.read_text())
+        assert (result["rows"], result["micro_batches"]) == ((16, 1) if baseline else (4, 2))
+        assert result["step_s"] > 0 and result["profile_s"]["matrix products"] > 0
+        assert result["tokens"] > result["trained_tokens"] > 0
+    # the baseline's patches are undone
+    assert any("fc_gamma" in pattern for pattern in loading.NOT_QUANTIZED)
+    assert LmDiffAdaptiveRMSNorm._gamma_is_frozen_zero.__name__ == "_gamma_is_frozen_zero"

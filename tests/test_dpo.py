@@ -78,7 +78,14 @@ def test_dpo_from_an_sft_adapter_on_a_4bit_base(tmp_path, tiny_base_path, sft_ad
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [[], ["dtype=bfloat16", "quantization=nf4"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["dtype=bfloat16", "quantization=nf4"],
+        ["preference.loss_type=[sigmoid, sft]", "preference.loss_weights=[1, 0.5]"],
+    ],
+)
 def test_dpo_from_the_base(tmp_path, tiny_base_path, pair_files, overrides):
     """bf16 compute over a 4-bit base is the GPU default. Training there runs under accelerate's autocast
     (the base's norms and gates are fp32), and the reference check once said "NO" only because the

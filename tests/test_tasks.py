@@ -84,7 +84,7 @@ output_dir: out/qa
     assert task.adapter.layers == [0, 2, 3] and task.adapter.dora is True
     assert task.train.lr == 5e-5 and isinstance(task.train.epochs, float) and task.train.eval_steps == 20
     assert task.eval.metrics == ["accuracy"] and task.eval.labels == ["planetary", "heliophysics"]
-    assert task.preference.loss_type == "ipo" and task.preference.beta == 0.1
+    assert task.preference.loss_type == ["ipo"] and task.preference.beta == 0.1
     assert (task.quantization, task.output_dir) == ("nf4", "out/qa")
 
 
@@ -120,7 +120,8 @@ def test_unknown_keys_suggest_the_closest(tmp_path, text, expected):
         ("adapter: {layers: 5-2}", "adapter.layers: expected ascending ranges, got '5-2'"),
         ("eval: {metrics: [exact_match, bleu]}", "eval.metrics[1]: expected one of loss, perplexity, exact_match"),
         ("eval: {top_p: 0}", "eval.top_p: expected a number in (0, 1], got 0.0"),
-        ("preference: {loss_type: sigmod}", "preference.loss_type: expected one of sigmoid, hinge, ipo"),
+        ("preference: {loss_type: sigmod}", "preference.loss_type[0]: expected one of sigmoid, hinge, ipo"),
+        ("preference: {loss_type: [sigmoid, sft], loss_weights: [1.0]}", "one weight per loss_type (2), got 1"),
         ("dtype: fp16", "dtype: expected one of auto, float32, bfloat16, float16, got 'fp16'"),
     ],
 )
@@ -141,7 +142,7 @@ def test_every_dpo_loss_type_of_trl_is_accepted(tmp_path):
     assert len(names) == 15
     for name in names:
         task = load_task(write_task(tmp_path, MINIMAL), [f"preference.loss_type={name}"])
-        assert task.preference.loss_type == name
+        assert task.preference.loss_type == [name]
 
 
 def test_numbers_without_a_dot_and_ints_are_floats(tmp_path):
