@@ -33,6 +33,14 @@ def wait_until_serving(url: str, process: subprocess.Popen, seconds: float = 600
     sys.exit(f"the app did not answer on {url} within {seconds} s")
 
 
+def first_held_out_prompt(run: Path) -> str:
+    """The first of the example prompts the app lists for this run (its task's eval split)."""
+    from lmdiff_ft.compare import example_prompts
+    from lmdiff_ft.tasks import load_task
+
+    return example_prompts(load_task(run / "resolved_task.yaml"))[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
@@ -48,10 +56,7 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(STEP_MS)
             page.goto(url)
-            page.locator("#prompt").get_by_role("combobox").first.wait_for()
-            example = page.get_by_label("Example prompts (the task's eval split)")
-            example.click()
-            page.get_by_role("option").first.click()
+            page.locator("#prompt textarea").fill(first_held_out_prompt(Path(args.runs[0])))
             page.locator("#generate").click()
             page.locator("#message").filter(has_text="done:").wait_for()
             page.screenshot(path=args.out / "app.png", full_page=True)

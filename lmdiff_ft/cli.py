@@ -63,7 +63,10 @@ def cmd_dpo(args: argparse.Namespace) -> None:
         task = load_task(args.task, args.overrides)
     else:
         task = continuation_task(args.overrides)
-        print(f"continuing the newest finished SFT run, {task.adapter.init_adapter}, with {task.source_path}")
+        print(
+            f"continuing {task.adapter.init_adapter} (the newest finished SFT run with a preference_task) "
+            f"with {task.source_path}"
+        )
     run_dpo(task, dry_run=args.dry_run, resume=args.resume)
 
 

@@ -92,31 +92,35 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
     return metrics, samples
 
 
-def latest_sft_run(runs: Path = Path("runs")) -> Path | None:
-    """The most recently finished SFT run under `runs` (a run dir whose resolved task has no `preference`)."""
-    finished = []
+def finished_sft_runs(runs: Path = Path("runs")) -> list[tuple[Path, dict]]:
+    """Finished SFT runs under `runs` (a run dir whose resolved task has no `preference`), newest first, with
+    their resolved tasks."""
+    found = []
     for marker in runs.glob("*/adapter_config.json"):
         resolved = marker.parent / "resolved_task.yaml"
-        if resolved.is_file() and (yaml.safe_load(resolved.read_text()) or {}).get("preference") is None:
-            finished.append(marker)
-    return max(finished, key=lambda m: m.stat().st_mtime).parent if finished else None
+        task = yaml.safe_load(resolved.read_text()) if resolved.is_file() else None
+        if isinstance(task, dict) and task.get("preference") is None:
+            found.append((marker.stat().st_mtime, marker.parent, task))
+    return [(run, task) for _, run, task in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
 def continuation_task(overrides: list[str], runs: Path = Path("runs")) -> Task:
-    """`lmdiff-ft dpo` with no task: the DPO task that the newest finished SFT run's task names
-    (`preference_task`), starting from that run's adapter on its base."""
-    run = latest_sft_run(runs)
-    if run is None:
+    """`lmdiff-ft dpo` with no task: the DPO task that the newest finished SFT run naming one
+    (`preference_task`) names, starting from that run's adapter on its base."""
+    finished = finished_sft_runs(runs)
+    if not finished:
         raise UserError(
             f"no finished SFT run under {runs}/ to continue; run `lmdiff-ft sft tasks/nasa_qa.yaml` first, "
             "or name a DPO task: lmdiff-ft dpo TASK"
         )
-    sft = yaml.safe_load((run / "resolved_task.yaml").read_text())
-    if not sft.get("preference_task"):
+    named = [(run, sft) for run, sft in finished if sft.get("preference_task")]
+    if not named:
+        shown = ", ".join(str(run) for run, _ in finished[:3])
         raise UserError(
-            f"{run}: the newest finished SFT run's task names no `preference_task` (its DPO task); "
+            f"no finished SFT run under {runs}/ names a `preference_task` (its DPO task): {shown}; "
             "name a DPO task instead: lmdiff-ft dpo TASK"
         )
+    run, sft = named[0]
     base = sft["base"]
     start = [f"adapter.init_adapter={run}", f"base.path={base['path']}", f"base.seed={base['seed']}"]
     start.append(f"base.convert_from_llama={str(base['convert_from_llama']).lower()}")

@@ -1,6 +1,7 @@
 """`lmdiff-ft dpo`: preference tuning from an SFT adapter (reference = its frozen copy) or from the base."""
 
 import json
+import shutil
 
 import pytest
 from test_sft import QA_BODY, write_jsonl, write_task
@@ -126,9 +127,13 @@ def test_dpo_without_a_task_continues_the_newest_sft_run(
     monkeypatch.chdir(tmp_path)  # `lmdiff-ft dpo` looks in ./runs
     resolved = sft_adapter / "resolved_task.yaml"
     assert main(["dpo", "--dry-run"]) == 2  # the SFT task names no preference_task
-    assert "names no `preference_task`" in capsys.readouterr().err
+    assert "names a `preference_task`" in capsys.readouterr().err
     resolved.write_text(resolved.read_text().replace("preference_task: null", f"preference_task: {dpo_task}"))
 
+    newer = tmp_path / "runs" / "newer"  # a newer finished SFT run that names no DPO task is passed over
+    shutil.copytree(sft_adapter, newer)
+    (newer / "adapter_config.json").touch()  # copytree keeps the mtime
+    (newer / "resolved_task.yaml").write_text(resolved.read_text().replace(f"preference_task: {dpo_task}", ""))
     task = continuation_task(["train.lr=1e-4"], runs=tmp_path / "runs")
     assert task.name == "dpo" and task.adapter.init_adapter == str(sft_adapter)
     assert task.base.path == str(tiny_base_path) and task.train.lr == 1e-4
