@@ -13,7 +13,7 @@ torch.profiler, whose operators are grouped: matrix products (mm/addmm/bmm and b
 
 `--baseline` undoes each change measured in the README, all at once: gradient checkpointing on (TRL's default
 and ours before `auto`), one micro-batch of 16 rows, TRL's LM head projecting every position on CPU (before
-`integrations/trl.py`), fc_gamma quantized and computed although it is exactly zero.
+`integrations/trl.py`), fc_gamma computed although it is exactly zero.
 """
 
 import argparse
@@ -32,7 +32,7 @@ from trl import SFTTrainer
 from trl.kernels import chunked_logprob
 from trl.trainer import utils as trl_utils
 
-from lmdiff_ft import loading, train
+from lmdiff_ft import train
 from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm
 from lmdiff_ft.tasks import load_task
 from lmdiff_ft.train import load_model, prepare_rows, trainer_construction, training_arguments
@@ -53,8 +53,6 @@ def code_paths(baseline: bool) -> Iterator[None]:
     """Today's code, or (baseline) the code paths of before the speed work (see the module docstring)."""
     with ExitStack() as patches:
         if baseline:
-            quantized_gamma = [p for p in loading.NOT_QUANTIZED if "fc_gamma" not in p]
-            patches.enter_context(mock.patch.object(loading, "NOT_QUANTIZED", quantized_gamma))
             patches.enter_context(mock.patch.object(train, "score_labelled_positions_only", lambda: None))
             patches.enter_context(mock.patch.object(trl_utils, "_use_triton", chunked_logprob._use_triton))
             patches.enter_context(mock.patch.object(LmDiffAdaptiveRMSNorm, "_gamma_is_frozen_zero", lambda self: False))
@@ -136,7 +134,7 @@ def measure(args: argparse.Namespace, overrides: list[str], load_before: float |
         "step_s": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
         "peak_rss_gib": round(peak_rss() / 2**30, 2),
-        "profile_s": {name: round(value, 2) for name, value in groups.items()},
+        "profile_s": {name: round(value, 4) for name, value in groups.items()},
         "load_average": [load_before, load_average()],
         "threads": torch.get_num_threads(),
     }

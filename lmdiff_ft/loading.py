@@ -31,9 +31,7 @@ from .modeling import LmDiffConfig
 
 QUANTIZATIONS = ("auto", "nf4", "fp4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# patterns in transformers' `llm_int8_skip_modules` syntax. fc_gamma stays a plain Linear so that the model can
-# see it is still exactly zero (a converted base) and skip it (LmDiffAdaptiveRMSNorm._gamma_is_frozen_zero).
-NOT_QUANTIZED = ["lm_head", r".*\.se_gate", r".*\.fc_gamma"]
+NOT_QUANTIZED = ["lm_head", r".*\.se_gate"]  # patterns in transformers' `llm_int8_skip_modules` syntax
 # Config keys that describe how a source checkpoint was quantized, never how ours are
 SOURCE_QUANTIZATION_KEYS = ("quantization_config",)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)

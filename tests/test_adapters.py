@@ -50,7 +50,11 @@ def test_quantized_load_keeps_sensitive_tensors_full_precision(tiny_base_path, q
     loaded = load_base(str(tiny_base_path), quantization=quantization)
     layer = loaded.model.model.layers[0]
     assert type(layer.self_attn.q_proj).__name__ == linear_class
-    assert type(layer.input_layernorm.fc_gamma) is torch.nn.Linear  # skipped while exactly zero (see test_model)
+    assert type(layer.input_layernorm.fc_gamma).__name__ == linear_class
+    # the tiny base's fc_gamma starts at exactly zero: seen through the quantized codes, it is skipped once frozen
+    assert not layer.input_layernorm._gamma_is_frozen_zero()  # the bias still requires grad until adapters freeze
+    loaded.model.requires_grad_(False)
+    assert layer.input_layernorm._gamma_is_frozen_zero()
     for name, param in loaded.model.named_parameters():
         if any(kind in name for kind in FULL_PRECISION_KINDS) or name.endswith("bias"):
             assert param.dtype == torch.float32, name

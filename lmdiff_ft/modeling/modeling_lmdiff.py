@@ -297,22 +297,33 @@ class LmDiffAdaptiveRMSNorm(nn.Module):
         return self.weight * normed.to(hidden_states.dtype)
 
     def _gamma_is_frozen_zero(self) -> bool:
-        """True when fc_gamma is a plain frozen Linear whose weight and bias are exactly zero: a converted base
-        before its adaptive norm is trained, and so during training with every preset but `adaptive_norm`.
-        Then γ ≡ 0 and skipping fc_gamma is exact, which saves two D×D products per token and layer (forward
-        and backward: ~8% of a SmolLM2-size training step). Checked once per change of the tensors (their
-        version counters move on every in-place write: loading, merging, an optimizer step)."""
+        """True when fc_gamma is a frozen Linear (plain or quantized) whose weight and bias are exactly zero: a
+        converted base before its adaptive norm is trained, and so during training with every preset but
+        `adaptive_norm`. Then γ ≡ 0 and skipping fc_gamma is exact, which saves two D×D products per token and
+        layer (forward and backward: ~8% of a SmolLM2-size training step). Checked once per change of the
+        tensors (their version counters move on every in-place write: loading, merging, an optimizer step)."""
         fc = self.fc_gamma
-        if type(fc) is not nn.Linear or fc.weight.requires_grad or (fc.bias is not None and fc.bias.requires_grad):
-            return False  # trained (directly or through an adapter), quantized or low rank: always applied
+        if not isinstance(fc, nn.Linear) or any(p.requires_grad for p in fc.parameters()):
+            return False  # trained (directly or through an adapter: PEFT's layers are no nn.Linear) or low rank
         tensors = [fc.weight] + ([fc.bias] if fc.bias is not None else [])
         if fc.weight.is_meta:
             return False  # shapes only (FLOP counting): no values to look at
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if getattr(self, "_zero_checked", None) != key:
             self._zero_checked = key
-            self._is_zero = not any(bool(t.any()) for t in tensors)
+            self._is_zero = not any(bool(t.any()) for t in [dense_weight(fc), *tensors[1:]])
         return self._is_zero
+
+
+def dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight as values: bitsandbytes' 4-bit weights are packed codes (zero is not code 0), so they are
+    dequantized; its int8 weights are row-scaled, so a zero row is zero codes."""
+    quant_state = getattr(linear.weight, "quant_state", None)
+    if quant_state is None:
+        return linear.weight
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(linear.weight.data, quant_state)
 
 
 class LmDiffLambda(nn.Module):
