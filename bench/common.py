@@ -27,8 +27,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lmdiff_ft.convert import lmdiff_config_from_llama
-from lmdiff_ft.modeling import LmDiffForCausalLM
+from lmdiff_ft.model import LmDiffForCausalLM
+from lmdiff_ft.model.convert import lmdiff_config_from_llama
 
 from .naive_lmdiff import NaiveLmDiffForCausalLM
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmdiff_ft.loading import default_device
+from lmdiff_ft.base.loading import default_device
 
 from .common import add_dims_args, dims_from_args, peak_rss, run_worker, write_json
 from .qlora_memory import build_checkpoint, checkpoint_dir
@@ -42,16 +42,17 @@ def worker(kind: str, checkpoint: str, quantization: str, seq_len: int) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from lmdiff_ft.adapters import DEFAULT_PRESETS, attach_adapters
-    from lmdiff_ft.loading import load_base, load_tokenizer
-    from lmdiff_ft.tiny import tiny_base_dir
-    from lmdiff_ft.train import adapter_dtypes_kept
+    from lmdiff_ft.adapters.presets import attach_adapters
+    from lmdiff_ft.base.loading import load_base, load_tokenizer
+    from lmdiff_ft.base.tiny import tiny_base_dir
+    from lmdiff_ft.integrations.trl import trainable_parameters_frozen
+    from lmdiff_ft.schema.task import AdapterConfig
 
     started = time.perf_counter()
     base = load_base(checkpoint, quantization=quantization, with_tokenizer=False)
     load_s = time.perf_counter() - started
     tokenizer = load_tokenizer(tiny_base_dir())
-    model = attach_adapters(base.model, DEFAULT_PRESETS, gradient_checkpointing=True, r=16, alpha=32)
+    model = attach_adapters(base.model, AdapterConfig(r=16, alpha=32), gradient_checkpointing=True)
     common = dict(
         output_dir=tempfile.mkdtemp(),
         max_steps=2,
@@ -68,7 +69,7 @@ def worker(kind: str, checkpoint: str, quantization: str, seq_len: int) -> dict:
         dataloader_num_workers=0,
     )
     data = Dataset.from_list(rows(kind, seq_len))
-    with adapter_dtypes_kept(model):
+    with trainable_parameters_frozen(model):
         if kind == "sft":
             trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
         else:

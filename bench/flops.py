@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm
+from lmdiff_ft.model.modeling_lmdiff import LmDiffAdaptiveRMSNorm
 
 from .common import (
     VARIANT_LABELS,

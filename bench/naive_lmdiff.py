@@ -1,6 +1,6 @@
 """LM-Diff written the obvious way, kept only as the benchmarks' yardstick.
 
-It computes the same function as `lmdiff_ft.modeling.LmDiffForCausalLM` (tests/test_naive_reference.py
+It computes the same function as `lmdiff_ft.model.LmDiffForCausalLM` (tests/test_naive_reference.py
 loads one state dict into both) and has the same module names, so the same LoRA config applies. What
 makes it naive: each attention branch builds its explicit T×T score and softmax matrices (with the
 key/value heads copied out to every query head), and the causal means and the causal conv are Python
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lmdiff_ft.modeling import LmDiffConfig
-from lmdiff_ft.modeling.modeling_lmdiff import lambda_init
+from lmdiff_ft.model import LmDiffConfig
+from lmdiff_ft.model.modeling_lmdiff import lambda_init
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:

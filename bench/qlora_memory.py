@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 import lmdiff_ft  # noqa: F401  (registers the lmdiff model type)
-from lmdiff_ft.modeling import LmDiffConfig
-from lmdiff_ft.modeling.modeling_lmdiff import LmDiffDecoderLayer
+from lmdiff_ft.model import LmDiffConfig
+from lmdiff_ft.model.modeling_lmdiff import LmDiffDecoderLayer
 from lmdiff_ft.outputs import atomic_output_dir
 
 from .common import REPO_ROOT, Dims, machine_info, print_table, run_worker
@@ -138,8 +138,8 @@ def ru_maxrss() -> int:
 def load(variant: str, path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from lmdiff_ft.loading import quantization_config
-    from lmdiff_ft.streaming import load_quantized_streaming
+    from lmdiff_ft.base.quantization import quantization_config
+    from lmdiff_ft.base.streaming import load_quantized_streaming
 
     quantization, loader = variant.split("-")
     if loader == "streaming":
@@ -152,8 +152,9 @@ def load(variant: str, path: Path) -> torch.nn.Module:
 
 def measure(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
     """Load, attach the default adapter presets with gradient checkpointing, one AdamW step; all in this process."""
-    from lmdiff_ft.adapters import DEFAULT_PRESETS, attach_adapters
-    from lmdiff_ft.loading import pin_malloc_mmap_threshold
+    from lmdiff_ft.adapters.presets import attach_adapters
+    from lmdiff_ft.integrations.glibc import pin_malloc_mmap_threshold
+    from lmdiff_ft.schema.task import AdapterConfig
 
     if malloc == "pinned":
         pin_malloc_mmap_threshold()
@@ -167,7 +168,7 @@ def measure(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
         footprint = model.get_memory_footprint()
 
         model = attach_adapters(
-            model, DEFAULT_PRESETS, None, gradient_checkpointing=True, r=LORA_RANK, alpha=2 * LORA_RANK
+            model, AdapterConfig(r=LORA_RANK, alpha=2 * LORA_RANK), gradient_checkpointing=True
         )
         # what the Trainer does with gradient_checkpointing=True; prepare_model_for_kbit_training already did it
         # for the quantized bases, attach_adapters leaves it to the trainer on a full-precision one

@@ -32,10 +32,11 @@ from trl import SFTTrainer
 from trl.kernels import chunked_logprob
 from trl.trainer import utils as trl_utils
 
-from lmdiff_ft import train
-from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm
-from lmdiff_ft.tasks import load_task
-from lmdiff_ft.train import load_model, prepare_rows, trainer_construction, training_arguments
+from lmdiff_ft.data.rows import prepare_rows
+from lmdiff_ft.model.modeling_lmdiff import LmDiffAdaptiveRMSNorm
+from lmdiff_ft.recipes import common
+from lmdiff_ft.recipes.common import load_model, trainer_construction, training_arguments
+from lmdiff_ft.schema.load import load_task
 
 from .common import REPO_ROOT, load_average, peak_rss, write_json
 
@@ -53,7 +54,7 @@ def code_paths(baseline: bool) -> Iterator[None]:
     """Today's code, or (baseline) the code paths of before the speed work (see the module docstring)."""
     with ExitStack() as patches:
         if baseline:
-            patches.enter_context(mock.patch.object(train, "score_labelled_positions_only", lambda: None))
+            patches.enter_context(mock.patch.object(common, "score_labelled_positions_only", lambda: None))
             patches.enter_context(mock.patch.object(trl_utils, "_use_triton", chunked_logprob._use_triton))
             patches.enter_context(mock.patch.object(LmDiffAdaptiveRMSNorm, "_gamma_is_frozen_zero", lambda self: False))
         yield

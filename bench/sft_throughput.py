@@ -37,9 +37,11 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, Trainer
 from transformers.trainer_callback import CallbackHandler
 
-from lmdiff_ft.loading import cache_dir, converted_llama_dir, default_device, resolve_base_path
+from lmdiff_ft.base.cache import cache_dir
+from lmdiff_ft.base.loading import converted_llama_dir, default_device, resolve_base_path
 from lmdiff_ft.outputs import atomic_output_dir
-from lmdiff_ft.tasks import Task, load_task
+from lmdiff_ft.schema.load import load_task
+from lmdiff_ft.schema.task import Task
 
 from .common import MIB, REPO_ROOT, load_average, median, peak_rss, print_table, run_worker, write_json
 
@@ -70,7 +72,7 @@ def smollm2_llama_dir() -> Path:
     """SmolLM2-135M-Instruct from the GGUF file lmdiff-ft converts, as a plain Llama in fp32 safetensors; built once.
     The weights go into a fresh model whose config lacks the GGUF's quantization_config, which would otherwise be
     saved with them and make `from_pretrained` treat the fp32 checkpoint as a GGUF one."""
-    from lmdiff_ft.smollm2 import NAME, gguf_path, source_tag
+    from lmdiff_ft.base.smollm2 import NAME, gguf_path, source_tag
 
     source = gguf_path()
     directory = cache_dir() / f"{NAME}-llama-{source_tag(source)}"
@@ -89,7 +91,7 @@ def smollm2_llama_dir() -> Path:
 def tiny_llama_dir() -> Path:
     """A random Llama at the tiny base's dims with its tokenizer (seconds). Rebuilt identically on every run, so
     lmdiff-ft's conversion of it, cached by content, is reused."""
-    from lmdiff_ft.tiny import TINY_DIMS, build_tokenizer, corpus_lines
+    from lmdiff_ft.base.tiny import TINY_DIMS, build_tokenizer, corpus_lines
 
     tokenizer = build_tokenizer(corpus_lines())
     config = LlamaConfig(
@@ -209,8 +211,8 @@ def train_stock(task: Task, llama_dir: Path, quantization: str, steps: int, out:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lmdiff_ft.loading import choose_dtype
-    from lmdiff_ft.train import prepare_rows
+    from lmdiff_ft.base.loading import choose_dtype
+    from lmdiff_ft.data.rows import prepare_rows
 
     device = default_device()
     dtype = choose_dtype(task.dtype, device)  # lmdiff-ft's compute dtype: fp32 on a CPU

@@ -3,12 +3,19 @@
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import get_args
 
 from .errors import UserError
+from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
+
+QUANTIZATIONS = list(get_args(Quantization))
+NAMED_BASES = " or ".join(repr(name) for name in get_args(NamedBase))
+ADAPTER_DEFAULTS = AdapterConfig()
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import convert_checkpoint
+    from .model.convert import convert_checkpoint
 
     report = convert_checkpoint(
         args.src, args.out, drop_unknown=args.drop_unknown, tolerance=args.tolerance, gguf_file=args.gguf_file
@@ -20,15 +27,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_tiny_base(args: argparse.Namespace) -> None:
-    from .tiny import build_tiny_base
+    from .base.tiny import build_tiny_base
 
     out = build_tiny_base(args.out, seed=args.seed, from_llama=args.from_llama, overwrite=args.overwrite)
     print(f"wrote tiny {'Llama-converted ' if args.from_llama else ''}LM-Diff base to {out}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .inspection import inspect_base, print_report
-    from .tasks import parse_layers
+    from .commands.inspect import inspect_base, print_report
+    from .schema.task import parse_layers
 
     presets = [p for p in args.targets.split(",") if p]
     try:
@@ -39,24 +46,24 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from .merge import merge_adapter
+    from .commands.merge import merge_adapter
 
     diff = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype)
     print(f"wrote {args.out}: merged logits vs base+adapter max |Δ| {diff:.3g}")
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from .tasks import load_task
-    from .train import run_sft
+    from .recipes.sft import run_sft
+    from .schema.load import load_task
 
     run_sft(load_task(args.task, args.overrides), dry_run=args.dry_run, resume=args.resume)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
-    from .dpo import continuation_task, run_dpo
-    from .tasks import load_task
+    from .recipes.dpo import continuation_task, run_dpo
+    from .schema.load import load_task
 
-    if args.task is not None and "=" in args.task and not args.task.endswith((".yaml", ".yml")):
+    if is_override(args.task) and not args.task.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.task)  # `lmdiff-ft dpo train.lr=1e-4`: an override, not a task file
         args.task = None
     if args.task:
@@ -72,8 +79,8 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 def cmd_app(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
-    from .app import serve
-    from .compare import Limits
+    from .serve.app import serve
+    from .serve.compare import Limits
 
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
     serve(args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits)
@@ -83,8 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluate import evaluate_models
-    from .tasks import load_task
+    from .commands.eval import evaluate_models
+    from .schema.load import load_task
 
     results = evaluate_models(load_task(args.task, args.overrides), args.adapter)
     table = Table(title=f"evaluation on {args.task}")
@@ -97,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> None:
-    from .environment import print_environment
+    from .commands.env import print_environment
 
     print_environment(as_json=args.json)
 
@@ -156,18 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=cmd_tiny_base)
 
     inspect = commands.add_parser("inspect", help="trainable parameters per preset and the base's memory footprint")
-    inspect.add_argument("base", help="'tiny', 'smollm2-135m', an LM-Diff checkpoint directory or a Hub id")
-    inspect.add_argument("--targets", default="diff_attn,lambda,se_gate", help="comma-separated presets")
+    inspect.add_argument("base", help=f"{NAMED_BASES}, an LM-Diff checkpoint directory or a Hub id")
+    inspect.add_argument("--targets", default=",".join(ADAPTER_DEFAULTS.presets), help="comma-separated presets")
     inspect.add_argument("--layers", help="layer selection, e.g. 12-21 or 0,2,5-7")
-    inspect.add_argument("--quantization", default="auto", choices=["auto", "nf4", "fp4", "int8", "none"])
-    inspect.add_argument("-r", type=int, default=16, help="LoRA rank")
+    inspect.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
+    inspect.add_argument("-r", type=int, default=ADAPTER_DEFAULTS.r, help="LoRA rank (alpha = 2 r)")
     inspect.set_defaults(handler=cmd_inspect)
 
     merge = commands.add_parser("merge", help="merge an adapter into a full-precision copy of its base")
     merge.add_argument("base")
     merge.add_argument("adapter")
     merge.add_argument("out")
-    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.add_argument("--dtype", default="float32", choices=[d for d in get_args(Dtype) if d != "auto"])
     merge.set_defaults(handler=cmd_merge)
 
     app = commands.add_parser("app", help="compare the base and adapters side by side in the browser (Gradio)")
@@ -176,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
     app.add_argument("--base", help="the base to serve (default: the one the first run was trained on)")
-    app.add_argument("--quantization", choices=["auto", "nf4", "fp4", "int8", "none"], help="default: the task's")
+    app.add_argument("--quantization", choices=QUANTIZATIONS, help="default: the task's")
     app.add_argument("--data-dir", default="runs/app", help="where votes.jsonl is written (default: runs/app)")
     app.add_argument("--max-new-tokens", type=int, default=256, help="the cap on new tokens per column")
     app.add_argument("--max-prompt-chars", type=int, default=4000, help="the cap on the prompt's length")
@@ -188,10 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_override(value: object) -> bool:
+    """`key=value` that names no existing path: an override, where an option's optional value could go."""
+    return isinstance(value, str) and "=" in value and not value.startswith("-") and not Path(value).exists()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if is_override(getattr(args, "resume", None)):  # `--resume train.lr=1e-3`: resume the latest, and override
+        args.overrides.insert(0, args.resume)
+        args.resume = True
     # `key=value` overrides may come after options too (`sft task.yaml --dry-run train.lr=1e-4`)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra

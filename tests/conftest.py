@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lmdiff_ft  # noqa: F401  (registers the lmdiff model type)
-from lmdiff_ft.convert import is_lmdiff_only
-from lmdiff_ft.modeling import LmDiffConfig, LmDiffForCausalLM
+from lmdiff_ft.model import LmDiffConfig, LmDiffForCausalLM
+from lmdiff_ft.model.convert import is_lmdiff_only
 
 TINY = dict(
     vocab_size=97,
@@ -57,6 +57,6 @@ TINY_BASE_DIMS = dict(
 @pytest.fixture(scope="session")
 def tiny_base_path(tmp_path_factory):
     """A tiny LM-Diff checkpoint + tokenizer on disk, as `lmdiff-ft tiny-base` writes it."""
-    from lmdiff_ft.tiny import build_tiny_base
+    from lmdiff_ft.base.tiny import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny", seed=0, vocab_size=512, **TINY_BASE_DIMS)

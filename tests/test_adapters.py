@@ -7,18 +7,14 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from lmdiff_ft.adapters import (
-    attach_adapters,
-    base_info,
-    load_adapter,
-    resolve_targets,
-    write_base_info,
-)
+from lmdiff_ft.adapters.known_base import base_info, load_adapter, write_base_info
+from lmdiff_ft.adapters.presets import attach_adapters, resolve_targets
+from lmdiff_ft.base.loading import load_base
+from lmdiff_ft.base.tiny import build_tiny_base
 from lmdiff_ft.cli import main
-from lmdiff_ft.convert import probe_logits
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.loading import load_base
-from lmdiff_ft.tiny import build_tiny_base
+from lmdiff_ft.model.convert import probe_logits
+from lmdiff_ft.schema.task import AdapterConfig
 
 FULL_PRECISION_KINDS = ("diff_lambda", "layernorm.weight", "token_mixing.conv", "se_gate", "subln")
 
@@ -64,7 +60,7 @@ def test_quantized_load_keeps_sensitive_tensors_full_precision(tiny_base_path, q
 def test_qlora_training_moves_lambda_and_se_and_leaves_the_base_frozen(tiny_base_path, tmp_path):
     loaded = load_base(str(tiny_base_path), quantization="nf4")
     frozen_before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    model = attach_adapters(loaded.model, r=8, alpha=16, dropout=0.0, gradient_checkpointing=True)
+    model = attach_adapters(loaded.model, AdapterConfig(r=8, alpha=16, dropout=0.0), gradient_checkpointing=True)
     tokens = batch(loaded.model.config.vocab_size)
     losses = train_steps(model, tokens)
     assert losses[-1] < losses[0] - 0.5, losses
@@ -93,7 +89,7 @@ def test_qlora_training_moves_lambda_and_se_and_leaves_the_base_frozen(tiny_base
 @torch.no_grad()
 def test_adapter_round_trip_through_plain_peft(tiny_base_path, tmp_path):
     loaded = load_base(str(tiny_base_path), quantization="none")
-    model = attach_adapters(loaded.model, r=4, alpha=8, dropout=0.0)
+    model = attach_adapters(loaded.model, AdapterConfig(r=4, alpha=8, dropout=0.0))
     with torch.enable_grad():
         train_steps(model, batch(loaded.model.config.vocab_size), steps=3)
     model.eval()
@@ -114,7 +110,7 @@ def test_adapter_round_trip_through_plain_peft(tiny_base_path, tmp_path):
 @pytest.fixture(scope="module")
 def trained_adapter(tiny_base_path, tmp_path_factory):
     loaded = load_base(str(tiny_base_path), quantization="none")
-    model = attach_adapters(loaded.model, r=4, alpha=8)
+    model = attach_adapters(loaded.model, AdapterConfig(r=4, alpha=8))
     directory = tmp_path_factory.mktemp("adapters") / "a"
     save_adapter(model, loaded, directory)
     return directory

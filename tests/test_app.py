@@ -6,9 +6,9 @@ import gradio as gr
 import pytest
 from test_compare import QUESTIONS, one_thread, trained_runs  # noqa: F401  (a shared session fixture)
 
-from lmdiff_ft.app import SLOTS, CompareApp
 from lmdiff_ft.cli import build_parser, main
-from lmdiff_ft.compare import BASE, Comparer, Limits, VoteLog
+from lmdiff_ft.serve.app import SLOTS, CompareApp
+from lmdiff_ft.serve.compare import BASE, Comparer, Limits, VoteLog
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from bench.common import (  # noqa: E402
     gemm_shape,
 )
 from bench.flops import training_flops_per_token, weight_flops_per_token  # noqa: E402
-from lmdiff_ft.modeling.modeling_lmdiff import LmDiffAdaptiveRMSNorm  # noqa: E402
+from lmdiff_ft.model.modeling_lmdiff import LmDiffAdaptiveRMSNorm  # noqa: E402
 
 SMALL = ["--layers", "2", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "128"]
 SMALL_DIMS = Dims(layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=128)

@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmdiff_ft.adapters import attach_adapters, base_info, load_adapter, write_base_info
-from lmdiff_ft.compare import (
+from lmdiff_ft.adapters.known_base import base_info, load_adapter, write_base_info
+from lmdiff_ft.adapters.presets import attach_adapters
+from lmdiff_ft.base.loading import load_base
+from lmdiff_ft.errors import UserError
+from lmdiff_ft.evaluation.generation import generate_answers, render_prompt
+from lmdiff_ft.evaluation.report import plot_loss_curve
+from lmdiff_ft.schema.task import AdapterConfig, EvalConfig
+from lmdiff_ft.serve.compare import (
     BASE,
     Comparer,
     GenerationSettings,
@@ -22,11 +28,6 @@ from lmdiff_ft.compare import (
     discover_runs,
     task_prompt,
 )
-from lmdiff_ft.errors import UserError
-from lmdiff_ft.evaluate import generate_answers, render_prompt
-from lmdiff_ft.loading import load_base
-from lmdiff_ft.report import plot_loss_curve
-from lmdiff_ft.tasks import EvalConfig
 
 SYSTEM = "Answer briefly."
 QUESTIONS = ["Which rocket flew Apollo?", "Who is Goddard named after?", "What does GPM measure?"]
@@ -58,7 +59,7 @@ def train_run(root: Path, base_path: Path, name: str, answers: list[str], preset
 
     loaded = load_base(str(base_path), quantization="none")
     torch.manual_seed(seed)
-    model = attach_adapters(loaded.model, presets, r=8, alpha=16, dropout=0.0)
+    model = attach_adapters(loaded.model, AdapterConfig(presets=presets, r=8, alpha=16, dropout=0.0))
     tokenizer = loaded.tokenizer
     examples = [
         tokenizer.apply_chat_template(chat(q) + [{"role": "assistant", "content": a}], tokenize=False)
@@ -125,7 +126,7 @@ def comparer(trained_runs) -> Comparer:
 
 
 def reference_answer(model, tokenizer, question: str, settings: GenerationSettings) -> str:
-    """What evaluation generates for this model alone (lmdiff_ft.evaluate), with the same settings."""
+    """What evaluation generates for this model alone (lmdiff_ft.evaluation.generation), with the same settings."""
     config = EvalConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=not settings.greedy,

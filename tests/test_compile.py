@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import TINY, randomize_lmdiff_parameters, tiny_lmdiff_config
 
-from lmdiff_ft.modeling import LmDiffForCausalLM
+from lmdiff_ft.model import LmDiffForCausalLM
 
 
 def loss_and_grads(model: LmDiffForCausalLM, call, tokens: torch.Tensor, mask: torch.Tensor):

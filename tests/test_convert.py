@@ -11,11 +11,11 @@ from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from lmdiff_ft.base.loading import load_base
+from lmdiff_ft.base.tiny import build_tokenizer
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.loading import load_base
-from lmdiff_ft.modeling import LmDiffForCausalLM
-from lmdiff_ft.tiny import build_tokenizer
+from lmdiff_ft.model import LmDiffForCausalLM
 
 
 @pytest.fixture

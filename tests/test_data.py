@@ -7,17 +7,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from lmdiff_ft.data import (
-    REFERENCE_COLUMN,
-    ROW_COLUMN,
-    load_source,
-    load_splits,
-    source_name,
-    to_preference_rows,
-    to_sft_rows,
-)
+from lmdiff_ft.data.rows import REFERENCE_COLUMN, to_preference_rows, to_sft_rows
+from lmdiff_ft.data.sources import ROW_COLUMN, load_source, load_splits, source_name
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.tasks import DataSource, Task, load_task
+from lmdiff_ft.schema.load import load_task
+from lmdiff_ft.schema.task import DataSource, Task
 
 QA_ROWS = [{"question": f"Question {i}?", "answer": f"Answer {i}"} for i in range(1, 11)]
 

@@ -23,10 +23,10 @@ from test_sft import QA, write_jsonl, write_task
 
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.modeling import LmDiffForCausalLM
-from lmdiff_ft.modeling.modeling_lmdiff import LmDiffDecoderLayer
-from lmdiff_ft.tasks import load_task
-from lmdiff_ft.train import run_sft
+from lmdiff_ft.model import LmDiffForCausalLM
+from lmdiff_ft.model.modeling_lmdiff import LmDiffDecoderLayer
+from lmdiff_ft.recipes.sft import run_sft
+from lmdiff_ft.schema.load import load_task
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
 SHIPPED = ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "multinode"]

@@ -7,10 +7,10 @@ import pytest
 from test_sft import QA_BODY, write_jsonl, write_task
 
 from lmdiff_ft.cli import main
-from lmdiff_ft.dpo import continuation_task, run_dpo
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.tasks import load_task
-from lmdiff_ft.train import run_sft
+from lmdiff_ft.recipes.dpo import continuation_task, run_dpo
+from lmdiff_ft.recipes.sft import run_sft
+from lmdiff_ft.schema.load import load_task
 
 PLANETS = [("Mars", "Venus"), ("Jupiter", "Saturn")]
 
@@ -76,6 +76,7 @@ def test_dpo_from_an_sft_adapter_on_a_4bit_base(tmp_path, tiny_base_path, sft_ad
     out = tmp_path / "runs" / "dpo"
     assert json.loads((out / "metrics.json").read_text())["after"] == after
     assert not (out / "ref").exists(), "only the trained adapter is published"
+    assert "- rank / alpha: 8 / 16\n" in (out / "README.md").read_text()  # the SFT adapter's, not the task's defaults
 
 
 @pytest.mark.slow
@@ -95,6 +96,14 @@ def test_dpo_from_the_base(tmp_path, tiny_base_path, pair_files, overrides):
     metrics = run_dpo(load_task(task, overrides))
     assert metrics["after"]["preference_accuracy"] > metrics["before"]["preference_accuracy"]
     assert metrics["after"]["reference_logprob_sum"] == metrics["before"]["reference_logprob_sum"]
+
+
+def test_dpo_on_a_task_without_preference_says_so(tmp_path, tiny_base_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(16)])
+    task = load_task(write_task(tmp_path, tiny_base_path, QA_BODY, name="sft"))
+    with pytest.raises(UserError, match="sft.yaml: no `preference` section, so not a DPO task"):
+        run_dpo(task)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dry_run_shows_pairs_and_token_counts(tmp_path, tiny_base_path, pair_files, capsys):

@@ -1,15 +1,56 @@
 """Each workaround in lmdiff_ft/integrations/ against the library it works around: it must still apply, and do
 what it says. A failure here means the library changed; re-check the workaround against the new version."""
 
+import contextlib
+import importlib
 import inspect
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
+import accelerate.utils.launch
+import bitsandbytes as bnb
+import pytest
 import torch
 import trl.trainer.utils as trl_utils
+from accelerate import Accelerator
 from conftest import tiny_lmdiff_config
+from datasets import Dataset
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.integration_utils import TensorBoardCallback
+from trl import DPOTrainer, SFTConfig, SFTTrainer
 from trl.kernels import chunked_logprob
 
-from lmdiff_ft.integrations.trl import score_labelled_positions_only
-from lmdiff_ft.modeling import LmDiffForCausalLM
+from lmdiff_ft.adapters.presets import attach_adapters
+from lmdiff_ft.base.loading import load_base
+from lmdiff_ft.integrations.accelerate import fsdp_enabled, fsdp_version, parameters_sharded, unprepare_after_evaluation
+from lmdiff_ft.integrations.bitsandbytes import (
+    CPU_OPS_LOGGER,
+    CPU_REPACKING_SWITCH,
+    HUB_KERNEL_NOTICE,
+    dense_weight,
+    keep_4bit_layout_trainable,
+    quiet_hub_kernel_notice,
+)
+from lmdiff_ft.integrations.glibc import (
+    INITIAL_MMAP_THRESHOLD,
+    M_MMAP_THRESHOLD,
+    glibc,
+    pin_malloc_mmap_threshold,
+    trim_malloc_heap,
+)
+from lmdiff_ft.integrations.transformers import DynamicLayerWithStates, causal_lm_from_state_dict, tensorboard_logs_in
+from lmdiff_ft.integrations.trl import (
+    REFERENCE_ADAPTER,
+    reference_model,
+    score_labelled_positions_only,
+    trainable_parameters_frozen,
+)
+from lmdiff_ft.model import LmDiffForCausalLM
+from lmdiff_ft.schema.task import AdapterConfig
 
 PROJECT = trl_utils._ChunkedLogProbFunction.apply
 
@@ -49,3 +90,212 @@ def test_trl_fused_head_projects_only_labelled_positions_on_cpu(monkeypatch):
         assert torch.allclose(getattr(full, field).float(), getattr(compact, field).float(), atol=1e-6), field
     for name, grad in full_grads.items():
         assert torch.allclose(grad, compact_grads[name], atol=1e-6), name
+
+
+# --- trl: the QLoRA cast, the reference adapter ------------------------------------------------------------
+
+
+def test_trl_casts_trainable_parameters_of_quantized_models_to_bf16_unless_frozen(tiny_base_path, tmp_path):
+    """Checked against trl 1.16.0: SFTTrainer (and DPOTrainer) cast every parameter that requires grad to bf16 when
+    the base is quantized; freezing them while the trainer is built keeps them in fp32."""
+    source = inspect.getsource(SFTTrainer.__init__)
+    assert "if param.requires_grad" in source and "param.data.to(torch.bfloat16)" in source
+    dtypes = {}
+    for frozen in (False, True):
+        loaded = load_base(str(tiny_base_path), quantization="nf4")
+        model = attach_adapters(loaded.model, AdapterConfig(r=4, alpha=8))
+        rows = Dataset.from_list([{"prompt": "a", "completion": "b"}] * 2)
+        args = SFTConfig(output_dir=str(tmp_path / str(frozen)), report_to=[], use_cpu=True, max_length=32)
+        with trainable_parameters_frozen(model) if frozen else contextlib.nullcontext():
+            SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=loaded.tokenizer)
+        dtypes[frozen] = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {False: {torch.bfloat16}, True: {torch.float32}}
+
+
+def test_trl_reference_is_the_ref_adapter_or_the_base(random_lmdiff):
+    """Checked against trl 1.16.0: DPOTrainer copies a PeftModel's starting adapter as "ref", and scores the
+    reference with `use_adapter(model, "ref" or None)`; `reference_model` makes the same choice."""
+    assert f'model.add_adapter("{REFERENCE_ADAPTER}", default_config)' in inspect.getsource(DPOTrainer.__init__)
+    model = attach_adapters(random_lmdiff, AdapterConfig(presets=["diff_attn"], r=4, alpha=8, dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # an adapter that changes the output
+    ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        policy = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with reference_model(model):
+            assert torch.equal(model(input_ids=ids).logits, base)  # no "ref" adapter: the base
+        model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+        model.eval()
+        for name, param in model.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                param.data.copy_(model.get_parameter(name.replace(f".{REFERENCE_ADAPTER}.", ".default.")))
+        with reference_model(model):
+            assert torch.allclose(model(input_ids=ids).logits, policy)  # the frozen copy of the starting adapter
+        assert model.active_adapter == "default"
+    assert not torch.allclose(policy, base)
+
+
+# --- transformers: the cache layer, loading a lazy state dict, TensorBoard's directory ---------------------
+
+
+class _LayerWithSum(DynamicLayerWithStates):
+    extra_states = ("running",)
+
+
+def test_transformers_dynamic_layer_keeps_extra_states_with_the_batch():
+    """Checked against transformers 5.24.0: `DynamicLayer` keeps `keys`/`values`, initialises lazily, and `generate`
+    reorders, repeats and selects the batch through these methods of every layer."""
+    for method in ("lazy_initialization", "get_seq_length", "reorder_cache", "batch_repeat_interleave"):
+        assert callable(getattr(DynamicLayer, method)), method
+    assert callable(DynamicLayer.batch_select_indices) and callable(DynamicLayer.reset)
+    layer = _LayerWithSum()
+    keys = torch.randn(2, 1, 6, 4)
+    layer.update(keys[..., :3, :], keys[..., :3, :])
+    layer.update(keys[..., 3:4, :], keys[..., 3:4, :])  # grows the buffer to twice the cached length
+    buffer = layer.key_buffer
+    got, _ = layer.update(keys[..., 4:5, :], keys[..., 4:5, :])  # fits: written in place
+    assert layer.key_buffer is buffer and torch.equal(got, keys[..., :5, :]) and layer.get_seq_length() == 5
+    layer.running = (torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [4.0]]))
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.running[0].flatten().tolist() == [2.0, 1.0] and torch.equal(layer.keys[0], keys[1, ..., :5, :])
+    layer.batch_repeat_interleave(2)
+    assert layer.running[1].flatten().tolist() == [4.0, 4.0, 3.0, 3.0] and layer.keys.shape[0] == 4
+    layer.batch_select_indices(torch.tensor([0, 3]))
+    assert layer.running[1].flatten().tolist() == [4.0, 3.0]
+    got, _ = layer.update(keys[..., 5:, :], keys[..., 5:, :])  # after a reorder the buffers are rebuilt
+    assert got.shape == (2, 1, 6, 4) and torch.equal(got[0, ..., :5, :], keys[1, ..., :5, :])
+    layer.reset()
+    assert layer.running is None and layer.key_buffer is None
+    with pytest.raises(NotImplementedError):
+        layer.crop(1)
+
+
+def test_transformers_loads_a_causal_lm_from_lazy_safetensors_slices(tiny_base_path):
+    """Checked against transformers 5.24.0: `from_pretrained(None, config=..., state_dict=...)` accepts safetensors'
+    lazy slices and reads each one (tests/test_streaming.py: bit for bit the stock quantized load)."""
+    stock = AutoModelForCausalLM.from_pretrained(tiny_base_path)
+    with safe_open(tiny_base_path / "model.safetensors", framework="pt", backend="pread") as reader:
+        state_dict = {key: reader.get_slice(key) for key in reader.keys()}
+        model = causal_lm_from_state_dict(stock.config, state_dict, dtype=torch.float32)
+    assert type(model) is type(stock)
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), stock.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name
+
+
+def test_transformers_tensorboard_callback_logs_where_pinned(tmp_path):
+    """Checked against transformers 5.24.0: the TensorBoard callback reads TENSORBOARD_LOGGING_DIR when created."""
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    with tensorboard_logs_in(tmp_path):
+        callback = TensorBoardCallback()
+    assert Path(callback.logging_dir).parent == tmp_path / "runs"  # runs/<date>_<host>, as transformers names it
+    assert os.environ.get("TENSORBOARD_LOGGING_DIR") == before
+
+
+# --- accelerate: the launch environment, evaluation before training -----------------------------------------
+
+
+LAUNCH_VARIABLES = (
+    "ACCELERATE_USE_FSDP",
+    "FSDP_VERSION",
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+)
+
+
+def test_accelerate_launch_sets_the_variables_read_here(monkeypatch):
+    """Checked against accelerate 1.15.0: `accelerate launch` tells each process about FSDP and ZeRO through these
+    environment variables."""
+    source = inspect.getsource(accelerate.utils.launch)
+    for variable in LAUNCH_VARIABLES:
+        assert f'current_env["{variable}"]' in source, variable
+        monkeypatch.delenv(variable, raising=False)
+    assert (fsdp_enabled(), fsdp_version(), parameters_sharded()) == (False, 1, False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert (fsdp_enabled(), fsdp_version(), parameters_sharded()) == (True, 2, True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert parameters_sharded()
+
+
+def test_accelerate_evaluation_marks_the_model_prepared_and_unpreparing_undoes_it(random_lmdiff):
+    """Checked against accelerate 1.15.0: preparing for evaluation marks the model `_is_accelerate_prepared` and
+    keeps it in `accelerator._models`, so a later `prepare` for training would skip the DDP wrapper."""
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare_model(random_lmdiff, evaluation_mode=True)
+    assert model._is_accelerate_prepared and any(m is model for m in accelerator._models)
+    trainer = SimpleNamespace(model=model, accelerator=accelerator, is_fsdp_enabled=False, is_deepspeed_enabled=False)
+    unprepare_after_evaluation(trainer)
+    assert not hasattr(model, "_is_accelerate_prepared") and not any(m is model for m in accelerator._models)
+
+
+# --- bitsandbytes: the import notice, CPU repacking, 4-bit codes ---------------------------------------------
+
+
+def quantized_linear(weight: torch.Tensor) -> torch.nn.Module:
+    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")
+
+
+def test_bitsandbytes_hub_kernel_notice_is_filtered_and_nothing_else():
+    """Checked against bitsandbytes 0.50.2: its CPU ops module logs the notice with this text, on this logger."""
+    ops = importlib.import_module(CPU_OPS_LOGGER)
+    assert ops.logger.name == CPU_OPS_LOGGER and HUB_KERNEL_NOTICE in inspect.getsource(ops)
+    quiet_hub_kernel_notice()
+    logger = logging.getLogger(CPU_OPS_LOGGER)
+
+    def record(message: str, *args) -> logging.LogRecord:
+        return logger.makeRecord(CPU_OPS_LOGGER, logging.WARNING, __file__, 1, message, args, None)
+
+    assert not logger.filter(record("Failed to load %s", f"gemm {HUB_KERNEL_NOTICE}"))
+    assert logger.filter(record("another warning"))
+
+
+def test_bitsandbytes_cpu_repacking_is_switched_off_for_training():
+    """Checked against bitsandbytes 0.50.2: a CPU `Linear4bit` on an AVX512-BF16 machine repacks its weight for
+    inference on its first eval-mode, no-grad forward (`packing_format_for_cpu`), unless its switch is off."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64) / 8
+    layers = {switched_off: quantized_linear(weight) for switched_off in (False, True)}
+    assert all(hasattr(layer, CPU_REPACKING_SWITCH) for layer in layers.values())
+    keep_4bit_layout_trainable(layers[True])
+    assert getattr(layers[True], CPU_REPACKING_SWITCH) is False
+    x = torch.randn(2, 64)
+    for layer in layers.values():
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+    assert not getattr(layers[True].weight.quant_state, "packing_format_for_cpu", False)
+    if getattr(layers[False], CPU_REPACKING_SWITCH):  # this CPU has AVX512-BF16: the library still repacks
+        assert getattr(layers[False].weight.quant_state, "packing_format_for_cpu", False)
+    layers[True].train()
+    y = layers[True](x.requires_grad_(True))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bitsandbytes_4bit_codes_read_as_values():
+    """Checked against bitsandbytes 0.50.2: a 4-bit weight holds packed codes (zero is not code 0) and its
+    `quant_state` dequantizes them."""
+    zero = quantized_linear(torch.zeros(16, 16))
+    assert zero.weight.dtype == torch.uint8 and zero.weight.any()  # the codes of zero are not zero
+    assert not dense_weight(zero).any() and dense_weight(zero).shape == (16, 16)
+    plain = torch.nn.Linear(4, 4)
+    assert dense_weight(plain) is plain.weight
+
+
+# --- glibc ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(glibc() is None, reason="not glibc")
+def test_glibc_knows_the_malloc_parameters_used():
+    """Checked against glibc 2.36: mallopt returns 1 when it accepts a parameter (0 for an unknown one)."""
+    assert glibc().mallopt(M_MMAP_THRESHOLD, INITIAL_MMAP_THRESHOLD) == 1
+    pin_malloc_mmap_threshold()
+    trim_malloc_heap()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmdiff_ft.metrics import exact_match, score, token_f1
+from lmdiff_ft.evaluation.metrics import exact_match, score, token_f1
 
 
 @pytest.mark.parametrize(

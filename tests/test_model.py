@@ -5,8 +5,8 @@ import torch
 from conftest import TINY, randomize_lmdiff_parameters, tiny_llama, tiny_lmdiff_config
 from transformers import AutoModelForCausalLM
 
-from lmdiff_ft.convert import convert_llama_model, is_lmdiff_only
-from lmdiff_ft.modeling import LmDiffCache, LmDiffForCausalLM, modeling_lmdiff
+from lmdiff_ft.model import LmDiffCache, LmDiffForCausalLM, modeling_lmdiff
+from lmdiff_ft.model.convert import convert_llama_model, is_lmdiff_only
 
 
 def padded_batch(seed: int = 0, length: int = 12):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, randomize_lmdiff_parameters, tiny_lmdiff_config
 
-from lmdiff_ft.modeling import LmDiffForCausalLM
+from lmdiff_ft.model import LmDiffForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repository root
 from bench.naive_lmdiff import NaiveLmDiffForCausalLM  # noqa: E402

@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmdiff_ft import train
+from lmdiff_ft.base.loading import load_base
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.loading import load_base
-from lmdiff_ft.modeling import modeling_lmdiff
-from lmdiff_ft.tasks import load_task
-from lmdiff_ft.train import packed_examples, run_sft, use_gradient_checkpointing
+from lmdiff_ft.model import modeling_lmdiff
+from lmdiff_ft.recipes import common, sft
+from lmdiff_ft.recipes.common import use_gradient_checkpointing
+from lmdiff_ft.recipes.preview import packed_examples
+from lmdiff_ft.recipes.sft import run_sft
+from lmdiff_ft.schema.load import load_task
 
 QA = [{"question": f"What is fact number {i} about Mars?", "answer": f"Fact {i}"} for i in range(16)]
 
@@ -303,8 +305,18 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(qa_task, tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
 
 
+def test_an_override_after_resume_is_an_override(qa_task, monkeypatch):
+    """`--resume` takes an optional checkpoint path; `key=value` in its place is an override, as after any option."""
+    calls = []
+    monkeypatch.setattr(sft, "run_sft", lambda task, dry_run, resume: calls.append((task.train.lr, resume)))
+    assert main(["sft", qa_task, "--resume", "train.lr=1e-3"]) == 0
+    assert main(["sft", qa_task, "--resume", "train.lr=2e-3", "train.seed=1"]) == 0
+    assert main(["sft", qa_task, "--resume"]) == 0
+    assert calls == [(1e-3, True), (2e-3, True), (5e-3, True)]
+
+
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):
-    from lmdiff_ft.train import run_directory
+    from lmdiff_ft.recipes.common import run_directory
 
     out = tmp_path / "runs" / "qa"
     (out / "checkpoint-4").mkdir(parents=True)
@@ -324,9 +336,9 @@ def test_gradient_checkpointing_auto_recomputes_only_when_memory_needs_it(qa_tas
     task = load_task(qa_task)
     assert task.train.gradient_checkpointing == "auto"
     base = load_base(str(tiny_base_path), quantization="none")
-    monkeypatch.setattr(train, "available_memory", lambda device: 2**40)
+    monkeypatch.setattr(common, "available_memory", lambda device: 2**40)
     assert use_gradient_checkpointing(task, base)[0] is False
-    monkeypatch.setattr(train, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(common, "available_memory", lambda device: 2**20)
     on, why = use_gradient_checkpointing(task, base)
     assert on and why.startswith("auto: activations up to")
     assert use_gradient_checkpointing(task, base, sequences_per_row=2)[0]

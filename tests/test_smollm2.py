@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lmdiff_ft import smollm2
+from lmdiff_ft.base import smollm2
+from lmdiff_ft.base.loading import load_base
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.loading import load_base
-from lmdiff_ft.modeling import LmDiffForCausalLM
+from lmdiff_ft.model import LmDiffForCausalLM
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmdiff_ft import streaming
-from lmdiff_ft.adapters import attach_adapters, is_quantized
+from lmdiff_ft.adapters.presets import attach_adapters
+from lmdiff_ft.base import loading, streaming
+from lmdiff_ft.base.loading import load_base
+from lmdiff_ft.base.quantization import is_quantized, quantization_config
+from lmdiff_ft.base.streaming import load_quantized_streaming
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.loading import load_base, quantization_config
-from lmdiff_ft.streaming import load_quantized_streaming
+from lmdiff_ft.schema.task import AdapterConfig
 
 QUANTIZATIONS = [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")]
 FULL_PRECISION_KINDS = ("diff_lambda", "layernorm.weight", "token_mixing.conv", "se_gate", "subln", "norm.weight")
@@ -104,8 +106,8 @@ def test_streaming_load_leaves_no_mapping_of_the_checkpoint(tiny_base_path):
 
 def test_load_base_streams_quantized_bases(tiny_base_path, monkeypatch):
     calls = []
-    real = streaming.load_quantized_streaming
-    monkeypatch.setattr(streaming, "load_quantized_streaming", lambda *args: calls.append(args) or real(*args))
+    real = loading.load_quantized_streaming
+    monkeypatch.setattr(loading, "load_quantized_streaming", lambda *args: calls.append(args) or real(*args))
     loaded = load_base(str(tiny_base_path), quantization="int8")
     assert [args[1] for args in calls] == ["int8"] and loaded.model.is_loaded_in_8bit
     load_base(str(tiny_base_path), quantization="none")
@@ -115,7 +117,7 @@ def test_load_base_streams_quantized_bases(tiny_base_path, monkeypatch):
 def test_qlora_training_step_on_a_streamed_base(tiny_base_path):
     model = load_quantized_streaming(tiny_base_path, "nf4", torch.float32, "cpu")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = attach_adapters(model, gradient_checkpointing=True, r=8, alpha=16, dropout=0.0)
+    peft_model = attach_adapters(model, AdapterConfig(r=8, alpha=16, dropout=0.0), gradient_checkpointing=True)
     assert is_quantized(peft_model.get_base_model())
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}

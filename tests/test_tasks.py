@@ -1,11 +1,13 @@
 """Task files: defaults, validation messages (file + key + what was expected), overrides, round trip."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.tasks import Task, load_task, parse_layers, template_fields
+from lmdiff_ft.schema.load import load_task
+from lmdiff_ft.schema.task import Task, parse_layers, template_fields
 
 MINIMAL = """\
 name: qa
@@ -367,3 +369,25 @@ def test_task_equality_ignores_where_it_was_read(tmp_path):
     first = load_task(write_task(tmp_path, MINIMAL))
     second = load_task(write_task(tmp_path, MINIMAL, "other.yaml"))
     assert first == second and isinstance(first, Task)
+
+
+def test_every_list_of_choices_comes_from_the_schema(tmp_path, monkeypatch):
+    """The schema's `Literal`s are the one source: presets, named bases, quantizations and dtypes elsewhere
+    are derived from them (or, for presets and named bases, defined for exactly those names)."""
+    from lmdiff_ft.adapters.presets import PRESETS
+    from lmdiff_ft.base.loading import DTYPES
+    from lmdiff_ft.base.named import named_base_dir
+    from lmdiff_ft.base.quantization import QUANTIZATIONS
+    from lmdiff_ft.cli import ADAPTER_DEFAULTS
+    from lmdiff_ft.cli import QUANTIZATIONS as CLI_QUANTIZATIONS
+    from lmdiff_ft.schema.task import AdapterConfig, Dtype, NamedBase, PresetName, Quantization
+
+    assert set(PRESETS) == set(get_args(PresetName))
+    assert QUANTIZATIONS == get_args(Quantization) and tuple(CLI_QUANTIZATIONS) == get_args(Quantization)
+    assert [*DTYPES, "auto"] == sorted(get_args(Dtype), key=lambda d: d == "auto")
+    assert ADAPTER_DEFAULTS == AdapterConfig()
+    monkeypatch.setenv("LMDIFF_FT_CACHE", str(tmp_path))
+    assert (named_base_dir("tiny") / "config.json").is_file()
+    assert set(get_args(NamedBase)) == {"tiny", "smollm2-135m"}  # smollm2-135m: tests/test_smollm2.py
+    with pytest.raises(ValueError, match="no named base"):
+        named_base_dir("tinyllama")

@@ -1,2 +1,2 @@
-"""Workarounds for other libraries' internals, one module per library, each naming the versions it was checked
-against and tested by tests/test_integrations.py so that a change in the library is noticed."""
+"""Every workaround for another library's internals, one module per library, each naming the versions it was
+checked against. tests/test_integrations.py checks each against the installed library. Imports none of ours."""

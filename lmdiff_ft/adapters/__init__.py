@@ -1,0 +1,1 @@
+"""Adapters: presets → PEFT configs, and adapter directories that know their base."""

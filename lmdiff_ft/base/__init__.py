@@ -1,0 +1,1 @@
+"""Loading a base: named bases built locally, checkpoints, quantization, the streaming quantized load."""

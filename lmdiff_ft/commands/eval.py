@@ -1,0 +1,44 @@
+"""`lmdiff-ft eval`: the base and each adapter on a task's data, side by side, one base in memory for all."""
+
+import math
+
+from ..adapters.known_base import load_adapter
+from ..base.loading import load_base
+from ..data.rows import prepare_pairs, prepare_rows
+from ..evaluation.generation import generation_metrics
+from ..evaluation.likelihood import answer_nll, preference_logprobs
+from ..schema.task import Task
+
+
+def evaluate_models(task: Task, adapter_dirs: list[str]) -> dict[str, dict[str, float]]:
+    """`lmdiff-ft eval`: the base and each adapter on the task's data, one base in memory for all."""
+    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
+    tokenizer = base.tokenizer
+    model = base.model
+    names = ["base"]
+    for i, directory in enumerate(adapter_dirs):
+        model = load_adapter(model, directory, base.fingerprint, adapter_name=f"adapter{i}")
+        names.append(directory)
+
+    def score_current() -> dict[str, float]:
+        if task.preference is not None:
+            _, pairs = prepare_pairs(task)
+            logprobs = preference_logprobs(model, tokenizer, pairs)
+            return {"preference_accuracy": (logprobs["chosen"] > logprobs["rejected"]).float().mean().item()}
+        train_rows, eval_rows = prepare_rows(task)
+        loss = answer_nll(model, tokenizer, eval_rows)
+        results = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        for rows, split in ((eval_rows, "eval"), (train_rows, "train")):
+            results.update(generation_metrics(model, tokenizer, rows, task.eval, split)[0])
+        return results
+
+    results = {}
+    for i, name in enumerate(names):
+        if i == 0 and len(names) > 1:
+            with model.disable_adapter():
+                results[name] = score_current()
+        else:
+            if i > 0:
+                model.set_adapter(f"adapter{i - 1}")
+            results[name] = score_current()
+    return results

@@ -1,0 +1,231 @@
+"""A task's rows → what TRL 1.16's SFTTrainer / DPOTrainer take, with the field mapping and the templates applied.
+
+Every row is checked, and a bad one is reported by file and 1-based row number (the row in the file, even after the
+eval split), so a data bug fails before training instead of being trained on.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset
+
+from ..errors import UserError
+from ..schema.load import check_preference
+from ..schema.task import Task, template_fields
+from .sources import ROW_COLUMN, load_splits, source_name
+
+REFERENCE_COLUMN = "reference"  # the answer text, kept for generation metrics; TRL ignores the column
+ROLES = ("system", "user", "assistant")
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages
+
+
+def prepare_rows(task: Task) -> tuple[Dataset, Dataset]:
+    """TRL-ready SFT train/eval rows; each keeps its source row number for error messages."""
+    train_raw, eval_raw = load_splits(task)
+    rows = []
+    for raw, role in ((train_raw, "train"), (eval_raw, "eval")):
+        converted = to_sft_rows(raw, task, source_name(task, role))
+        rows.append(converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]))
+    return rows[0], rows[1]
+
+
+def prepare_pairs(task: Task) -> tuple[Dataset, Dataset]:
+    """TRL-ready preference (DPO) train/eval pairs."""
+    train_raw, eval_raw = load_splits(task)
+    return (
+        to_preference_rows(train_raw, task, source_name(task, "train")),
+        to_preference_rows(eval_raw, task, source_name(task, "eval")),
+    )
+
+
+def to_sft_rows(dataset: Dataset, task: Task, source_name: str) -> Dataset:
+    """Rows for TRL's SFTTrainer: prompt/completion (conversational when template.chat), messages, or text.
+
+    Every row but `text` ones also gets REFERENCE_COLUMN: the answer as plain text, for generation metrics.
+    """
+    data_format = task.data.format
+    if data_format == "messages":
+        _require_columns(dataset, {task.data.column("messages"): "mapped by data.fields.messages"}, source_name)
+        convert = _messages_row
+    elif data_format == "text":
+        _require_columns(dataset, {task.data.column("text"): "mapped by data.fields.text"}, source_name)
+        convert = _text_row
+    else:
+        answer = "output" if data_format == "alpaca" else "completion"
+        _require_columns(dataset, {**_prompt_columns(task), **_answer_columns(task, answer)}, source_name)
+        convert = _prompt_completion_row
+    return Dataset.from_list([convert(row, task) for row in _rows(dataset, source_name)])
+
+
+def to_preference_rows(dataset: Dataset, task: Task, source_name: str) -> Dataset:
+    """Rows for TRL's DPOTrainer: prompt/chosen/rejected, conversational when template.chat, plus REFERENCE_COLUMN."""
+    check_preference(task)
+    columns = {task.data.column(name): f"mapped by data.fields.{name}" for name in ("chosen", "rejected")}
+    _require_columns(dataset, {**_prompt_columns(task), **columns}, source_name)
+    return Dataset.from_list([_preference_row(row, task) for row in _rows(dataset, source_name)])
+
+
+def wrapped_prompt(text: str, task: Task) -> Prompt:
+    """A user's text as the task's rows present it to the model: after the task's system text, as chat messages
+    (`template.chat`) or as plain text with a blank line after the system text."""
+    system = task.template.system
+    if task.template.chat:
+        return ([_message("system", system)] if system else []) + [_message("user", text)]
+    return f"{system}\n\n{text}" if system else text
+
+
+def user_texts(dataset: Dataset, task: Task, source_name: str) -> list[str]:
+    """Each row's user text, before the system text and the chat format wrap it: what a person would type."""
+    if task.data.format == "messages":
+        turns = (_messages_row(row, task)["messages"] for row in _rows(dataset, source_name))
+        return [[m for m in messages if m["role"] == "user"][-1]["content"] for messages in turns]
+    return [_prompt_text(row, task) for row in _rows(dataset, source_name)]
+
+
+@dataclass
+class _Row:
+    """One source row, with what its errors must name: the file and the 1-based row number."""
+
+    values: dict[str, Any]
+    number: int
+    source: str
+
+    def error(self, message: str) -> UserError:
+        return UserError(f"{self.source}: row {self.number}: {message}")
+
+    def scalar(self, column: str, origin: str) -> str | int | float:
+        """A string or number field; `origin` says which task key made us read it."""
+        value = self.values.get(column)
+        if value is None:
+            raise self.error(f"missing field '{column}' ({origin})")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.error(f"field '{column}' must be a string, got {type(value).__name__} ({origin})")
+        return value
+
+    def text(self, column: str, origin: str) -> str:
+        text = str(self.scalar(column, origin))
+        if not text.strip():
+            raise self.error(f"field '{column}' is empty ({origin})")
+        return text
+
+
+def _rows(dataset: Dataset, source: str) -> Iterator[_Row]:
+    for index, values in enumerate(dataset):
+        yield _Row(values, values.pop(ROW_COLUMN, index + 1), source)
+
+
+def _require_columns(dataset: Dataset, columns: dict[str, str], source: str) -> None:
+    """A column absent from every row is a mapping mistake: say so once, with the columns there are."""
+    present = [c for c in dataset.column_names if c != ROW_COLUMN]
+    for column, origin in columns.items():
+        if column not in present:
+            raise UserError(f"{source}: no column '{column}' ({origin}); the columns are {', '.join(present)}")
+
+
+def _prompt_columns(task: Task) -> dict[str, str]:
+    """The columns the prompt is built from (alpaca's `input` is optional, so not required)."""
+    if task.template.prompt is not None:
+        return {column: "used by template.prompt" for column in template_fields(task.template.prompt)}
+    name = "instruction" if task.data.format == "alpaca" else "prompt"
+    return {task.data.column(name): f"mapped by data.fields.{name}"}
+
+
+def _answer_columns(task: Task, name: str) -> dict[str, str]:
+    if task.template.completion is not None:
+        return {column: "used by template.completion" for column in template_fields(task.template.completion)}
+    return {task.data.column(name): f"mapped by data.fields.{name}"}
+
+
+def _render(template: str, row: _Row, origin: str) -> str:
+    values = {column: row.scalar(column, f"used by {origin}") for column in template_fields(template)}
+    try:
+        return template.format_map(values)
+    except (ValueError, TypeError) as exc:  # a format spec that does not fit the value, e.g. {label:.2f}
+        raise row.error(f"{origin}: {exc}") from None
+
+
+def _prompt_text(row: _Row, task: Task) -> str:
+    if task.template.prompt is None:
+        if task.data.format == "alpaca":
+            return _alpaca_prompt(row, task)
+        return row.text(task.data.column("prompt"), "mapped by data.fields.prompt")
+    text = _render(task.template.prompt, row, "template.prompt")
+    if not text.strip():
+        raise row.error("the prompt is empty (template.prompt)")
+    return text
+
+
+def _alpaca_prompt(row: _Row, task: Task) -> str:
+    """'{instruction}\\n\\n{input}', without the blank line and input when the row's input is empty."""
+    instruction = row.text(task.data.column("instruction"), "mapped by data.fields.instruction")
+    column = task.data.column("input")
+    extra = "" if row.values.get(column) is None else str(row.scalar(column, "mapped by data.fields.input"))
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _completion_text(row: _Row, task: Task) -> str:
+    if task.template.completion is None:
+        name = "output" if task.data.format == "alpaca" else "completion"
+        return row.text(task.data.column(name), f"mapped by data.fields.{name}")
+    text = _render(task.template.completion, row, "template.completion")
+    if not text.strip():
+        raise row.error("the completion is empty (template.completion)")
+    return text
+
+
+def _message(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _prompt_completion_row(row: _Row, task: Task) -> dict[str, Any]:
+    prompt, completion = wrapped_prompt(_prompt_text(row, task), task), _completion_text(row, task)
+    answer = [_message("assistant", completion)] if task.template.chat else completion
+    return {"prompt": prompt, "completion": answer, REFERENCE_COLUMN: completion.strip()}
+
+
+def _text_row(row: _Row, task: Task) -> dict[str, Any]:
+    return {"text": row.text(task.data.column("text"), "mapped by data.fields.text")}
+
+
+def _messages_row(row: _Row, task: Task) -> dict[str, Any]:
+    column = task.data.column("messages")
+    messages = row.values.get(column)
+    if messages is None:
+        raise row.error(f"missing field '{column}' (mapped by data.fields.messages)")
+    if not isinstance(messages, list):
+        raise row.error(f"field '{column}' must be a list of {{role, content}} messages, got {type(messages).__name__}")
+    checked = [_checked_message(row, column, index, message) for index, message in enumerate(messages)]
+    if task.template.system and (not checked or checked[0]["role"] != "system"):
+        checked.insert(0, _message("system", task.template.system))
+    if not checked or checked[-1]["role"] != "assistant":
+        raise row.error(f"{column}: the last message must be the assistant's (it is the answer trained on)")
+    if not any(message["role"] == "user" for message in checked):
+        raise row.error(f"{column}: no user message")
+    return {"messages": checked, REFERENCE_COLUMN: checked[-1]["content"].strip()}
+
+
+def _checked_message(row: _Row, column: str, index: int, message: Any) -> dict[str, str]:
+    """{role, content} with a known role and non-empty text content; other keys are dropped."""
+    where = f"{column}[{index}]"
+    if not isinstance(message, dict):
+        raise row.error(f"{where}: expected a {{role, content}} mapping, got {type(message).__name__}")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise row.error(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not isinstance(content, str) or not content.strip():
+        raise row.error(f"{where}: content must be a non-empty string, got {content!r}")
+    return _message(role, content)
+
+
+def _preference_row(row: _Row, task: Task) -> dict[str, Any]:
+    prompt = wrapped_prompt(_prompt_text(row, task), task)
+    chosen = row.text(task.data.column("chosen"), "mapped by data.fields.chosen")
+    rejected = row.text(task.data.column("rejected"), "mapped by data.fields.rejected")
+    if chosen.strip() == rejected.strip():
+        raise row.error(f"chosen and rejected are the same ({chosen.strip()!r}); a preference needs two answers")
+    if task.template.chat:
+        chosen_answer, rejected_answer = [_message("assistant", chosen)], [_message("assistant", rejected)]
+    else:
+        chosen_answer, rejected_answer = chosen, rejected
+    return {"prompt": prompt, "chosen": chosen_answer, "rejected": rejected_answer, REFERENCE_COLUMN: chosen.strip()}

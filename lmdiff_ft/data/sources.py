@@ -1,0 +1,133 @@
+"""A task's data in: local JSONL/JSON/CSV/Parquet, a saved `datasets` directory, or a Hub id, split into train and
+eval rows, each row numbered as in its source so that errors can name it."""
+
+import json
+import math
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from ..errors import UserError, first_line
+from ..schema.load import local_path
+from ..schema.task import DataSource, Task
+
+ROW_COLUMN = "__row__"  # 1-based row number in the source, added by load_source, dropped by to_*_rows
+SPLIT_SEED = 0  # fixed, so every run of a task (whatever train.seed) evaluates on the same rows
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def source_name(task: Task, role: str) -> str:
+    """Where the rows of `role` ('train' or 'eval') come from, as error messages name it."""
+    source = task.data.eval if role == "eval" and task.data.eval is not None else task.data.train
+    return _display(source.path)
+
+
+def load_source(source: DataSource, role: str) -> Dataset:
+    """Load one data source (`data.<role>`), with its 1-based row numbers in ROW_COLUMN."""
+    key = f"data.{role}"
+    path = local_path(source.path, Path.cwd(), data_file=True)
+    if path is None:
+        dataset = _load_hub(source, key)
+    elif path.is_file():
+        dataset = _load_file(path, source, key)
+    elif path.is_dir():
+        dataset = _load_saved(path, source.split, key)
+    else:
+        raise UserError(f"{_display(path)}: file not found ({key})")
+    if len(dataset) == 0:
+        raise UserError(f"{_display(source.path)}: the dataset has no rows ({key})")
+    return dataset.add_column(ROW_COLUMN, list(range(1, len(dataset) + 1)))
+
+
+def load_splits(task: Task) -> tuple[Dataset, Dataset]:
+    """Train and eval rows; without `data.eval`, a seeded `data.eval_fraction` of the train rows; then max_samples."""
+    train = load_source(task.data.train, "train")
+    if task.data.eval is not None:
+        evaluation = load_source(task.data.eval, "eval")
+    else:
+        train, evaluation = _split(train, task)
+    if task.data.max_samples is not None:
+        train = train.select(range(min(len(train), task.data.max_samples)))
+    return train, evaluation
+
+
+def _load_file(path: Path, source: DataSource, key: str) -> Dataset:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"{_display(path)}: expected a .jsonl, .json, .csv or .parquet file ({key})")
+    if source.split != "train" or source.name is not None:
+        raise UserError(f"{_display(path)}: {key}.split and {key}.name apply to Hub datasets, not to a local file")
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # the datasets/arrow errors for a malformed file vary; all are the user's to fix
+        if _has_no_rows(path):
+            raise UserError(f"{_display(path)}: the file has no rows ({key})") from exc
+        reason = (_bad_json_line(path) if builder == "json" else None) or first_line(exc)
+        raise UserError(f"{_display(path)}: cannot read it as {builder.upper()} ({key}): {reason}") from exc
+
+
+def _has_no_rows(path: Path) -> bool:
+    """datasets fails obscurely on a text file without rows ('StopIteration', 'corresponds to no data')."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return False
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    header = 1 if suffix == ".csv" else 0
+    return len(lines) <= header or (suffix == ".json" and "".join(lines).replace(" ", "") == "[]")
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """For a JSON Lines file, the first line that is not JSON (datasets' own error does not say which)."""
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number}: invalid JSON ({exc.msg})"
+    return None
+
+
+def _load_saved(path: Path, split: str, key: str) -> Dataset:
+    if not any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        raise UserError(
+            f"{_display(path)}: expected a dataset saved by save_to_disk (with dataset_info.json or state.json) ({key})"
+        )
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise UserError(f"{_display(path)}: no split {split!r} ({key}.split); it has {', '.join(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def _load_hub(source: DataSource, key: str) -> Dataset:
+    try:
+        return load_dataset(source.path, source.name, split=source.split)
+    except Exception as exc:  # offline, unknown id, unknown split: the user's to fix
+        raise UserError(
+            f"{source.path}: not a local file, and loading it as a Hub dataset (split {source.split!r}) failed "
+            f"({key}): {first_line(exc)}"
+        ) from exc
+
+
+def _split(train: Dataset, task: Task) -> tuple[Dataset, Dataset]:
+    fraction = task.data.eval_fraction
+    if len(train) - math.ceil(fraction * len(train)) < 1:
+        raise UserError(
+            f"{_display(task.data.train.path)}: {len(train)} row(s) are too few to hold out "
+            f"data.eval_fraction={fraction} for evaluation; add rows or give data.eval"
+        )
+    parts = train.train_test_split(test_size=fraction, seed=SPLIT_SEED)
+    return parts["train"], parts["test"]
+
+
+def _display(path: str | Path) -> str:
+    """A path as short as is unambiguous: relative to the working directory when it lies under it."""
+    path = Path(path)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)

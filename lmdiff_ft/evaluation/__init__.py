@@ -1,0 +1,1 @@
+"""Evaluation: answer metrics from generations, likelihood scores, and the before/after reports."""

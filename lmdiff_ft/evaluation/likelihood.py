@@ -1,0 +1,82 @@
+"""Scores that need no generation: the trainer's eval loss, and the log-likelihood of given answers (the SFT loss
+outside a trainer, and DPO's held-out preference accuracy and reward margins)."""
+
+import math
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from ..data.rows import Prompt
+from .generation import prompt_of, render_prompt
+
+
+def loss_metrics(trainer, split_name: str = "eval") -> dict[str, float]:
+    """Loss on the answer tokens of the eval split (the trainer's own masking) and its perplexity."""
+    loss = trainer.evaluate()["eval_loss"]
+    return {f"{split_name}_loss": loss, f"{split_name}_perplexity": math.exp(min(loss, 50.0))}
+
+
+def completion_token_ids(prompt: Prompt, completion, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as the model sees them: chat-rendered, or plain text + EOS."""
+    prompt_ids = render_prompt(prompt, tokenizer)
+    if isinstance(prompt, list):
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        return prompt_ids, full_ids[len(prompt_ids) :]
+    return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def completion_logprobs(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list, completions: list, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each completion given its prompt, and its token count."""
+    was_training = model.training
+    model.eval()
+    sums, counts = [], []
+    for start in range(0, len(prompts), batch_size):
+        pairs = [
+            completion_token_ids(p, c, tokenizer)
+            for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
+        ]
+        width = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        scored = torch.zeros((len(pairs), width), dtype=torch.bool)
+        for i, (p, c) in enumerate(pairs):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+            scored[i, len(p) : len(p) + len(c)] = True
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        sums.append((logprobs * scored[:, 1:]).sum(-1))
+        counts.append(scored[:, 1:].sum(-1))
+    model.train(was_training)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def preference_logprobs(model, tokenizer, rows: Dataset) -> dict[str, torch.Tensor]:
+    prompts = rows["prompt"]
+    chosen, _ = completion_logprobs(model, tokenizer, prompts, rows["chosen"])
+    rejected, _ = completion_logprobs(model, tokenizer, prompts, rows["rejected"])
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def preference_metrics(policy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], beta: float) -> dict:
+    """Held-out preference accuracy of the policy and of the reference, and the DPO implicit-reward margin."""
+    margins = beta * ((policy["chosen"] - reference["chosen"]) - (policy["rejected"] - reference["rejected"]))
+    return {
+        "preference_accuracy": (policy["chosen"] > policy["rejected"]).float().mean().item(),
+        "reference_preference_accuracy": (reference["chosen"] > reference["rejected"]).float().mean().item(),
+        "reward_margin": margins.mean().item(),
+        "reward_accuracy": (margins > 0).float().mean().item(),
+    }
+
+
+def answer_nll(model, tokenizer, rows: Dataset) -> float:
+    """Mean negative log-likelihood per answer token: the SFT eval loss, computed outside a trainer."""
+    prompts = [prompt_of(row) for row in rows]
+    answers = [row["completion"] if "completion" in row else row["messages"][-1:] for row in rows]
+    sums, counts = completion_logprobs(model, tokenizer, prompts, answers)
+    return (-sums.sum() / counts.sum()).item()

@@ -1,0 +1,118 @@
+"""transformers: a cache layer with extra per-layer state, loading a lazy state dict, and TensorBoard's directory.
+
+Checked against transformers 5.24.0.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.integration_utils import default_logdir
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+class DynamicLayerWithStates(DynamicLayer):
+    """transformers' `DynamicLayer`, plus named extra states that follow the batch, and keys/values that grow in place.
+
+    `extra_states` names attributes (tensors, or tuples of tensors) that `generate` must reorder, repeat and select
+    with the keys: beam search, assisted decoding and batch slicing call `reorder_cache`,
+    `batch_repeat_interleave` and `batch_select_indices` on every layer. Keys and values are written in place into
+    buffers that double when full (`keys`/`values` are views of their filled part), so a decode step writes one
+    token where `DynamicLayer`'s `torch.cat` copies the whole cache: that copy made the time per token grow with
+    the context. Extra states are usually running sums, which cannot be rewound: such a layer refuses `crop`.
+    """
+
+    extra_states: tuple[str, ...] = ()
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+        for name in self.extra_states:
+            setattr(self, name, None)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if not self._buffers_hold_cache() or end > self.key_buffer.shape[-2]:
+            self.key_buffer = self._grown(self.keys, key_states, start, max(end, 2 * start))
+            self.value_buffer = self._grown(self.values, value_states, start, max(end, 2 * start))
+        self.key_buffer[..., start:end, :].copy_(key_states)
+        self.value_buffer[..., start:end, :].copy_(value_states)
+        self.keys = self.key_buffer[..., :end, :]
+        self.values = self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _buffers_hold_cache(self) -> bool:
+        """False once `DynamicLayer`'s methods (reorder, select, offload) replaced `keys` by a new tensor."""
+        return self.key_buffer is not None and self.keys.data_ptr() == self.key_buffer.data_ptr()
+
+    @staticmethod
+    def _grown(cached: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+        buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+        if length:
+            buffer[..., :length, :].copy_(cached)
+        return buffer
+
+    def _map_states(self, fn) -> None:
+        for name in self.extra_states:
+            state = getattr(self, name)
+            if isinstance(state, tuple):
+                setattr(self, name, tuple(fn(t) for t in state))
+            elif state is not None:
+                setattr(self, name, fn(state))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_states(lambda t: t[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
+        for name in self.extra_states:
+            setattr(self, name, None)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("this cache's running sums cannot be cropped; re-run the prefill instead")
+
+
+def causal_lm_from_state_dict(config: PretrainedConfig, state_dict: dict, **from_pretrained_kwargs) -> PreTrainedModel:
+    """`from_pretrained` of the config's causal-LM class with weights from `state_dict` (which may hold lazy
+    safetensors slices: transformers reads each one when it places or quantizes it). A name and a state dict are
+    exclusive, so the name is passed as None; the caller records the path."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+
+
+@contextmanager
+def tensorboard_logs_in(out: Path) -> Iterator[None]:
+    """transformers' TensorBoard callback picks `out/runs/<date>` only when training begins; an evaluation before
+    training logs first, which made it open its writer in ./runs of the working directory and keep it for the
+    whole run. Its documented TENSORBOARD_LOGGING_DIR, read when the callback is created, pins the directory; it is
+    restored afterwards so that no later trainer in this process inherits it."""
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / default_logdir())  # runs/<date>_<host>, as transformers names it
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR")
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous

@@ -1,0 +1,1 @@
+"""Training recipes: SFT and DPO as readable sequences of steps over the layers below."""

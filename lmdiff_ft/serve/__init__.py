@@ -1,0 +1,1 @@
+"""The side-by-side app: the comparison engine, its Gradio page and its figures."""

@@ -1,0 +1,537 @@
+"""The side-by-side engine behind `lmdiff-ft app`: one base in memory, every run's adapter on it by name.
+
+A run directory (what `lmdiff-ft sft` writes) is served as a column: the base is loaded once, quantized as
+the runs' task said, and each adapter joins it as a named PEFT adapter. A column generates with its adapter
+active (`set_adapter`), the base column with adapters disabled, from the same prompt ids and the same seed,
+so two columns differ only by their weights. The inspection helpers show where: λ per layer, the SE gate's
+mean activation and the attention maps A1 and A1 − λ·A2 of one head, recomputed from the layer's input.
+
+No Gradio here: the app (`app.py`) and the tests drive this module directly.
+"""
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from queue import SimpleQueue
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..adapters.known_base import BASE_INFO_FILE, load_adapter
+from ..base.loading import LoadedBase, load_base, load_tokenizer
+from ..data.rows import Prompt, user_texts, wrapped_prompt
+from ..data.sources import load_splits
+from ..errors import UserError
+from ..evaluation.generation import generation_settings, render_prompt
+from ..outputs import COMPLETION_MARKER
+from ..schema.load import load_task
+from ..schema.task import Task, template_fields
+
+BASE = "base"  # the column of the bare base; adapter names never take it
+KEY_METRICS = ("eval_loss", "eval_exact_match", "eval_rouge_l", "eval_accuracy", "eval_preference_accuracy")
+VOTES = ("left better", "right better", "tie", "both bad")
+
+
+# --- runs ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A finished run directory: its adapter, the task that trained it, the base it was made for, its scores."""
+
+    name: str  # the PEFT adapter name and column id
+    path: Path
+    task: Task
+    base_info: dict
+    metrics: dict  # after training
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.base_info.get("fingerprint")
+
+    @property
+    def label(self) -> str:
+        """'nasa_qa (run dir) · loss 1.23 · exact_match 0.4': what a user picks a column by."""
+        title = self.task.name if self.path.name == self.task.name else f"{self.task.name} ({self.path.name})"
+        scores = [f"{k.removeprefix('eval_')} {self.metrics[k]:.3g}" for k in KEY_METRICS if k in self.metrics]
+        return " · ".join([title, *scores[:3]])
+
+
+def is_finished(directory: Path) -> bool:
+    """PEFT's adapter_config.json is written last (outputs.publish_run), so it marks a finished run."""
+    return (directory / COMPLETION_MARKER).is_file()
+
+
+def find_run_dirs(roots: Sequence[Path]) -> list[Path]:
+    """Each root that is a finished run, else its finished subdirectories (`runs/` → `runs/<task>`)."""
+    found = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"{root}: no such directory (expected a run directory or a directory of runs)")
+        candidates = [root] if is_finished(root) else sorted(p for p in root.iterdir() if p.is_dir())
+        found += [p.resolve() for p in candidates if is_finished(p) and p.resolve() not in found]
+    return found
+
+
+def adapter_name(directory: Path, taken: Sequence[str]) -> str:
+    """A PEFT-safe name (no dots: it becomes a module key) from the directory name, unique among `taken`."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", directory.name) or "run"
+    name, n = stem, 1
+    while name in taken or name == BASE:
+        n += 1
+        name = f"{stem}_{n}"
+    return name
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+
+
+def read_run(directory: Path, name: str) -> RunInfo:
+    """The run's task, base and metrics; a run missing any of them is refused with the file it lacks."""
+    directory = Path(directory)
+    base_info = read_json(directory / BASE_INFO_FILE)
+    task = load_task(directory / "resolved_task.yaml")
+    metrics = read_json(directory / "metrics.json").get("after", {}) if (directory / "metrics.json").is_file() else {}
+    return RunInfo(name, directory, task, base_info, metrics)
+
+
+def discover_runs(roots: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
+    """Every finished run under `roots`, and one line per run that could not be read."""
+    runs, problems = [], []
+    for directory in find_run_dirs(roots):
+        try:
+            runs.append(read_run(directory, adapter_name(directory, [r.name for r in runs])))
+        except UserError as exc:
+            problems.append(str(exc))
+    return runs, problems
+
+
+# --- prompts -------------------------------------------------------------------------------------------
+
+
+def single_placeholder(task: Task) -> str | None:
+    """The column the task's prompt template fills, when it has exactly one: the prompt box fills it."""
+    fields = template_fields(task.template.prompt or "")
+    return fields[0] if len(fields) == 1 else None
+
+
+def task_prompt(task: Task | None, text: str) -> Prompt:
+    """The prompt as the run's training built it from `text`: its prompt template, system text, chat or plain."""
+    if task is None:
+        return [{"role": "user", "content": text}]
+    field = single_placeholder(task)
+    if field is not None:
+        text = task.template.prompt.replace("{" + field + "}", text)
+    return text if task.data.format == "text" else wrapped_prompt(text, task)
+
+
+def example_prompts(task: Task, limit: int = 8) -> list[str]:
+    """The first eval rows, as a user would type them into the prompt box."""
+    if task.data.format == "text":
+        return []
+    try:
+        _, rows = load_splits(task)
+    except UserError:  # the data moved since training: the app works without examples
+        return []
+    rows = rows.select(range(min(limit, len(rows))))
+    field = single_placeholder(task)
+    if field is not None:
+        return [str(row[field]) for row in rows]
+    return user_texts(rows, task, "eval")
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Shared by every column, so that columns differ only by their weights."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    greedy: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost: two users must not run a CPU machine out of memory or time."""
+
+    max_prompt_chars: int = 4000
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A column's answer so far, with its speed."""
+
+    text: str
+    tokens: int
+    first_token_s: float | None  # latency: from the start of the column's generation to its first token
+    elapsed_s: float
+
+    def stats(self) -> str:
+        speed = self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        first = f"{self.first_token_s:.2f} s" if self.first_token_s is not None else "–"
+        return f"{self.tokens} tokens · {speed:.1f} tokens/s · first token {first} · total {self.elapsed_s:.2f} s"
+
+
+class _TokenSink(BaseStreamer):
+    """What `generate` streams into: the prompt once (skipped), then each new token, then the end (None)."""
+
+    def __init__(self):
+        self.queue: SimpleQueue = SimpleQueue()
+        self.prompt_seen = False
+        self.started = time.perf_counter()
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.queue.put((value.reshape(-1).tolist(), time.perf_counter()))
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends a generation whose reader went away (a closed browser tab), so it frees the model at once."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+# --- inspection ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inspection:
+    """Why a column answers as it does, on one prompt: λ and the SE gate per layer, and one head's maps."""
+
+    tokens: list[str]
+    lambdas: list[float]  # per layer
+    se_gate: list[float]  # mean of 2·sigmoid(fc2(...)) over the prompt's tokens and channels, per layer
+    layer: int
+    head: int
+    softmax_map: torch.Tensor  # A1 [T, T]
+    diff_map: torch.Tensor  # A1 − λ·A2 [T, T]
+
+
+def attention_maps(attn: torch.nn.Module, hidden: torch.Tensor, rope: tuple, head: int) -> tuple:
+    """A1 and A1 − λ·A2 of one head, recomputed as `LmDiffAttention.forward` computes them (q/k projections
+    with their adapters, RoPE, GQA, causal softmax) from the layer's normalized input `hidden` [1, T, D]."""
+    length = hidden.shape[1]
+
+    def heads(proj: torch.nn.Module) -> torch.Tensor:
+        return proj(hidden).view(1, length, -1, attn.head_dim).transpose(1, 2)
+
+    query = torch.cat([heads(attn.q_proj), heads(attn.q2_proj)], dim=1)
+    key = torch.cat([heads(attn.k_proj), heads(attn.k2_proj)], dim=1)
+    query, key = apply_rotary_pos_emb(query, key, *rope)
+    (q1, q2), (k1, k2) = query.chunk(2, dim=1), key.chunk(2, dim=1)
+    kv_head = head // (attn.num_heads // attn.num_kv_heads)
+    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+
+    def softmax_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scores = (q[0, head].float() @ k[0, kv_head].float().T) * attn.scaling
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+    first, second = softmax_map(q1, k1), softmax_map(q2, k2)
+    return first, first - attn.diff_lambda().float() * second
+
+
+# --- the engine ----------------------------------------------------------------------------------------
+
+
+class Comparer:
+    """One base, many adapters: columns generate in turn on the same weights in memory."""
+
+    def __init__(self, base: LoadedBase, roots: Sequence[Path], limits: Limits = Limits()):
+        self.base = base
+        self.model: torch.nn.Module = base.model.eval()  # a PeftModel once the first adapter is added
+        self.roots = [Path(r).resolve() for r in roots]
+        self.limits = limits
+        self.runs: dict[str, RunInfo] = {}
+        self.tokenizers: dict[str, PreTrainedTokenizerBase] = {BASE: base.tokenizer}
+        self._lock = threading.RLock()  # PEFT's active adapter is global state: one user of the model at a time
+
+    @classmethod
+    def from_runs(
+        cls,
+        roots: Sequence[Path],
+        base: str | None = None,
+        quantization: str | None = None,
+        limits: Limits = Limits(),
+    ) -> tuple["Comparer", list[str]]:
+        """Load the base the first run was trained on (or `base`) once, then every run's adapter on it.
+        Runs that cannot be served are left out, each with a one-line reason."""
+        runs, problems = discover_runs(roots)
+        if base is None and not runs:
+            shown = ", ".join(map(str, roots))
+            raise UserError(f"no finished run under {shown} (train one: lmdiff-ft sft TASK.yaml), and no --base")
+        task = runs[0].task if runs else None
+        loaded = load_base(
+            base or task.base.path,
+            quantization or (task.quantization if task else "auto"),
+            task.dtype if task else "auto",
+            task.base.convert_from_llama if task else False,
+            task.base.seed if task else 0,
+        )
+        comparer = cls(loaded, roots, limits)
+        for run in runs:
+            try:
+                comparer.add(run)
+            except UserError as exc:
+                problems.append(str(exc))
+        return comparer, problems
+
+    # -- adapters --
+
+    def add(self, run: RunInfo) -> RunInfo:
+        """Add a run's adapter under its name, if it was made for this base."""
+        if run.fingerprint != self.base.fingerprint:
+            raise UserError(
+                f"{run.path}: made for base {run.base_info.get('base')} (fingerprint {run.fingerprint}); "
+                f"this app serves {self.base.path} (fingerprint {self.base.fingerprint}); start another app for it"
+            )
+        with self._lock:
+            try:
+                self.model = load_adapter(self.model, run.path, self.base.fingerprint, adapter_name=run.name)
+            except UserError:
+                raise
+            except Exception as exc:  # a corrupt or foreign file: PEFT/safetensors errors vary
+                raise UserError(f"{run.path}: the adapter failed to load ({type(exc).__name__}: {exc})") from exc
+        self.tokenizers[run.name] = load_tokenizer(run.path)
+        self.runs[run.name] = run
+        return run
+
+    def add_run(self, directory: str | Path) -> RunInfo:
+        """Serve one more run directory; only directories inside the app's roots are served."""
+        path = Path(directory).expanduser().resolve()
+        if not any(path.is_relative_to(root) for root in self.roots):
+            served = ", ".join(map(str, self.roots))
+            raise UserError(f"{path}: outside the adapter directories this app serves ({served})")
+        if not is_finished(path):
+            raise UserError(f"{path}: not a finished run (no {COMPLETION_MARKER})")
+        for run in self.runs.values():
+            if run.path == path:
+                return run
+        return self.add(read_run(path, adapter_name(path, list(self.runs))))
+
+    @property
+    def columns(self) -> list[str]:
+        return [BASE, *self.runs]
+
+    def label(self, column: str) -> str:
+        return f"base · {self.base.path.name}" if column == BASE else self.runs[column].label
+
+    def check_columns(self, columns: Sequence[str]) -> None:
+        unknown = [c for c in columns if c not in self.columns]
+        if unknown:
+            raise UserError(f"unknown column {unknown[0]!r}; the columns are {', '.join(self.columns)}")
+
+    @contextmanager
+    def weights(self, column: str) -> Iterator[None]:
+        """The model as `column` computes: its adapter active, or every adapter off for the base."""
+        self.check_columns([column])
+        with self._lock:
+            if not isinstance(self.model, PeftModel):
+                yield
+            elif column == BASE:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(column, inference_mode=True)
+                yield
+
+    # -- prompts --
+
+    def prompt_ids(self, text: str, format_column: str = BASE) -> list[int]:
+        """Token ids of `text` as `format_column`'s task rendered prompts in training; every column gets them."""
+        if not text.strip():
+            raise UserError("the prompt is empty")
+        if len(text) > self.limits.max_prompt_chars:
+            raise UserError(f"the prompt has {len(text):,} characters; the limit is {self.limits.max_prompt_chars:,}")
+        task = self.runs[format_column].task if format_column in self.runs else None
+        ids = render_prompt(task_prompt(task, text), self.tokenizers.get(format_column, self.base.tokenizer))
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise UserError(f"the prompt has {len(ids):,} tokens; the limit is {self.limits.max_prompt_tokens:,}")
+        return ids
+
+    def examples(self, format_column: str) -> list[str]:
+        return example_prompts(self.runs[format_column].task) if format_column in self.runs else []
+
+    # -- generation --
+
+    def check(self, settings: GenerationSettings) -> None:
+        cap = self.limits.max_new_tokens
+        if not 1 <= settings.max_new_tokens <= cap:
+            raise UserError(f"max new tokens must be between 1 and {cap}, got {settings.max_new_tokens}")
+        if not settings.greedy and not (settings.temperature > 0 and 0 < settings.top_p <= 1):
+            raise UserError(f"sampling needs temperature > 0 and top-p in (0, 1], got {settings}")
+
+    def stream(self, column: str, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[Partial]:
+        """Generate one column, yielding its text as it grows. Generation runs in a thread (`generate` blocks);
+        leaving the loop early stops it."""
+        self.check(settings)
+        tokenizer = self.tokenizers.get(column, self.base.tokenizer)
+        sink, stop, errors = _TokenSink(), threading.Event(), []
+        worker = threading.Thread(
+            target=self._generate, args=(column, prompt_ids, settings, sink, stop, errors), daemon=True
+        )
+        worker.start()
+        ids, first, elapsed = [], None, 0.0
+        try:
+            while (item := sink.queue.get()) is not None:
+                new, at = item
+                ids += new
+                elapsed = at - sink.started
+                first = elapsed if first is None else first
+                yield Partial(tokenizer.decode(ids, skip_special_tokens=True), len(ids), first, elapsed)
+        finally:
+            stop.set()
+            worker.join()
+        if errors:
+            raise errors[0]
+        if not ids:  # nothing streamed (EOS first): still report the column
+            yield Partial("", 0, None, time.perf_counter() - sink.started)
+
+    def _generate(self, column, prompt_ids, settings, sink: _TokenSink, stop: threading.Event, errors: list) -> None:
+        try:
+            with self.weights(column), torch.no_grad():
+                tokenizer = self.tokenizers.get(column, self.base.tokenizer)
+                input_ids = torch.tensor([prompt_ids], device=self.model.device)
+                torch.manual_seed(settings.seed)
+                sink.started = time.perf_counter()
+                sample = not settings.greedy
+                self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    **generation_settings(
+                        tokenizer, settings.max_new_tokens, sample, settings.temperature, settings.top_p
+                    ),
+                    streamer=sink,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                )
+        except Exception as exc:  # re-raised in the reader's thread
+            errors.append(exc)
+            sink.end()
+
+    def complete(self, column: str, prompt_ids: list[int], settings: GenerationSettings) -> Partial:
+        """A column's whole answer."""
+        *_, last = self.stream(column, prompt_ids, settings)
+        return last
+
+    # -- inspection --
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.base.model.model.layers  # PEFT wraps modules in place: these are the live ones
+
+    def lambdas(self, column: str) -> list[float]:
+        """λ of every layer as `column` computes it (PEFT keeps one trained copy of `diff_lambda` per adapter)."""
+        with self.weights(column), torch.no_grad():
+            return [float(layer.self_attn.diff_lambda()) for layer in self.layers]
+
+    def inspect(self, column: str, prompt_ids: list[int], layer: int, head: int) -> Inspection:
+        """One forward pass of `column` on the prompt, with hooks that read the SE gates and one layer's input."""
+        config = self.base.model.config
+        if not config.use_diff_attn:
+            raise UserError("this base has no differential attention (use_diff_attn is off): nothing to show")
+        if not (0 <= layer < config.num_hidden_layers and 0 <= head < config.num_attention_heads):
+            raise UserError(
+                f"layer {layer}, head {head}: this base has layers 0-{config.num_hidden_layers - 1} "
+                f"and heads 0-{config.num_attention_heads - 1}"
+            )
+        gates: dict[int, float] = {}
+        captured: dict[str, object] = {}
+
+        def gate_hook(index: int):
+            return lambda module, args, output: gates.__setitem__(index, (2 * torch.sigmoid(output)).mean().item())
+
+        def attention_input(module, args):
+            captured["hidden"], captured["rope"] = args[0], args[1]
+
+        with ExitStack() as hooks, self.weights(column), torch.no_grad():
+            for index, block in enumerate(self.layers):
+                if block.se_gate is not None:
+                    hooks.callback(block.se_gate.fc2.register_forward_hook(gate_hook(index)).remove)
+            hooks.callback(self.layers[layer].self_attn.register_forward_pre_hook(attention_input).remove)
+            self.model(input_ids=torch.tensor([prompt_ids], device=self.model.device))
+            attn = self.layers[layer].self_attn
+            first, diff = attention_maps(attn, captured["hidden"], captured["rope"], head)
+            lambdas = [float(block.self_attn.diff_lambda()) for block in self.layers]
+        tokenizer = self.tokenizers.get(column, self.base.tokenizer)
+        return Inspection(
+            tokens=[tokenizer.decode([i]) for i in prompt_ids],
+            lambdas=lambdas,
+            se_gate=[gates.get(i, float("nan")) for i in range(len(self.layers))],
+            layer=layer,
+            head=head,
+            softmax_map=first.cpu(),
+            diff_map=diff.cpu(),
+        )
+
+
+# --- votes ---------------------------------------------------------------------------------------------
+
+
+class VoteLog:
+    """Pairwise judgements, one JSON line each, appended to `<data dir>/votes.jsonl`."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / "votes.jsonl"
+        self._lock = threading.Lock()
+
+    def record(
+        self, vote: str, prompt: str, settings: GenerationSettings, left: dict, right: dict, prompt_format: str
+    ) -> dict:
+        """`left`/`right`: {"column", "label", "output"}. Returns the line written."""
+        if vote not in VOTES:
+            raise UserError(f"unknown vote {vote!r}; expected one of {', '.join(VOTES)}")
+        line = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "vote": vote,
+            "prompt": prompt,
+            "prompt_format": prompt_format,
+            "settings": asdict(settings),
+            "left": left,
+            "right": right,
+        }
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        return line
+
+    def tally(self) -> list[list]:
+        """One row per (left, right) pair: the pair, then the count of each vote."""
+        if not self.path.is_file():
+            return []
+        counts: dict[tuple[str, str], Counter] = {}
+        for text in self.path.read_text(encoding="utf-8").splitlines():
+            line = json.loads(text)
+            pair = (line["left"]["column"], line["right"]["column"])
+            counts.setdefault(pair, Counter())[line["vote"]] += 1
+        return [[*pair, *(count[v] for v in VOTES)] for pair, count in counts.items()]
