@@ -8,6 +8,7 @@ from typing import get_args
 
 from .errors import UserError
 from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
+from .serve.settings import DEFAULT_LIMITS, Limits
 
 QUANTIZATIONS = list(get_args(Quantization))
 NAMED_BASES = " or ".join(repr(name) for name in get_args(NamedBase))
@@ -80,7 +81,6 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 def cmd_app(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
     from .serve.app import serve
-    from .serve.compare import Limits
 
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
     serve(args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits)
@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--base", help="the base to serve (default: the one the first run was trained on)")
     app.add_argument("--quantization", choices=QUANTIZATIONS, help="default: the task's")
     app.add_argument("--data-dir", default="runs/app", help="where votes.jsonl is written (default: runs/app)")
-    app.add_argument("--max-new-tokens", type=int, default=256, help="the cap on new tokens per column")
-    app.add_argument("--max-prompt-chars", type=int, default=4000, help="the cap on the prompt's length")
+    limits = DEFAULT_LIMITS
+    app.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on new tokens per column")
+    app.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars, help="cap on the prompt's length")
     app.set_defaults(handler=cmd_app)
 
     env = commands.add_parser("env", help="versions, devices and whether 4-bit works here (for bug reports)")

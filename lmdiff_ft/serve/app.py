@@ -19,8 +19,9 @@ import gradio as gr
 from PIL import Image
 
 from ..errors import UserError
-from .compare import BASE, VOTES, Comparer, GenerationSettings, Limits, VoteLog
+from .compare import BASE, VOTES, Comparer, VoteLog
 from .plots import attention_figure, lambda_figure, se_gate_figure
+from .settings import DEFAULT_LIMITS, GenerationSettings, Limits
 
 MAX_ADAPTERS = 4
 SLOTS = 1 + MAX_ADAPTERS  # the base column, then the adapters
@@ -210,12 +211,14 @@ class CompareApp:
                         prompt_format = gr.Dropdown(
                             formats, value=first_format, label="Prompt format (whose task template)"
                         )
-                        cap = limits.max_new_tokens
-                        max_new = gr.Slider(1, cap, value=min(48, cap), step=1, label="Max new tokens")
-                        temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
-                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                        seed = gr.Number(0, precision=0, label="Seed")
-                        greedy = gr.Checkbox(True, label="Greedy (ignore temperature and top-p)")
+                        cap, default = limits.max_new_tokens, GenerationSettings()
+                        max_new = gr.Slider(
+                            1, cap, value=min(default.max_new_tokens, cap), step=1, label="Max new tokens"
+                        )
+                        temperature = gr.Slider(0.05, 2.0, value=default.temperature, step=0.05, label="Temperature")
+                        top_p = gr.Slider(0.05, 1.0, value=default.top_p, step=0.05, label="Top-p")
+                        seed = gr.Number(default.seed, precision=0, label="Seed")
+                        greedy = gr.Checkbox(default.greedy, label="Greedy (ignore temperature and top-p)")
                 shown = [BASE, *adapters]
                 columns, headers, texts, stats = [], [], [], []
                 with gr.Row(equal_height=True):
@@ -291,7 +294,7 @@ def serve(
     limits: Limits | None = None,
 ) -> None:
     """Load the base and adapters once, then serve the page until interrupted."""
-    comparer, problems = Comparer.from_runs([Path(r) for r in roots], base, quantization, limits or Limits())
+    comparer, problems = Comparer.from_runs([Path(r) for r in roots], base, quantization, limits or DEFAULT_LIMITS)
     for problem in problems:
         print(f"not served: {problem}")
     demo = CompareApp(comparer, VoteLog(data_dir), problems).build()

@@ -36,6 +36,7 @@ from ..evaluation.generation import generation_settings, render_prompt
 from ..outputs import COMPLETION_MARKER
 from ..schema.load import load_task
 from ..schema.task import Task, template_fields
+from .settings import DEFAULT_LIMITS, GenerationSettings, Limits
 
 BASE = "base"  # the column of the bare base; adapter names never take it
 KEY_METRICS = ("eval_loss", "eval_exact_match", "eval_rouge_l", "eval_accuracy", "eval_preference_accuracy")
@@ -161,26 +162,6 @@ def example_prompts(task: Task, limit: int = 8) -> list[str]:
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    """Shared by every column, so that columns differ only by their weights."""
-
-    max_new_tokens: int = 48
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
-    greedy: bool = True
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may cost: two users must not run a CPU machine out of memory or time."""
-
-    max_prompt_chars: int = 4000
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 256
-
-
-@dataclass(frozen=True)
 class Partial:
     """A column's answer so far, with its speed."""
 
@@ -267,7 +248,7 @@ def attention_maps(attn: torch.nn.Module, hidden: torch.Tensor, rope: tuple, hea
 class Comparer:
     """One base, many adapters: columns generate in turn on the same weights in memory."""
 
-    def __init__(self, base: LoadedBase, roots: Sequence[Path], limits: Limits = Limits()):
+    def __init__(self, base: LoadedBase, roots: Sequence[Path], limits: Limits = DEFAULT_LIMITS):
         self.base = base
         self.model: torch.nn.Module = base.model.eval()  # a PeftModel once the first adapter is added
         self.roots = [Path(r).resolve() for r in roots]
@@ -282,7 +263,7 @@ class Comparer:
         roots: Sequence[Path],
         base: str | None = None,
         quantization: str | None = None,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> tuple["Comparer", list[str]]:
         """Load the base the first run was trained on (or `base`) once, then every run's adapter on it.
         Runs that cannot be served are left out, each with a one-line reason."""
