@@ -26,7 +26,13 @@ from trl.kernels import chunked_logprob
 
 from lmdiff_ft.adapters.presets import attach_adapters
 from lmdiff_ft.base.loading import load_base
-from lmdiff_ft.integrations.accelerate import fsdp_enabled, fsdp_version, parameters_sharded, unprepare_after_evaluation
+from lmdiff_ft.integrations.accelerate import (
+    default_config_file,
+    fsdp_enabled,
+    fsdp_version,
+    parameters_sharded,
+    unprepare_after_evaluation,
+)
 from lmdiff_ft.integrations.bitsandbytes import (
     CPU_OPS_LOGGER,
     CPU_REPACKING_SWITCH,
@@ -232,6 +238,14 @@ def test_accelerate_evaluation_marks_the_model_prepared_and_unpreparing_undoes_i
     trainer = SimpleNamespace(model=model, accelerator=accelerator, is_fsdp_enabled=False, is_deepspeed_enabled=False)
     unprepare_after_evaluation(trainer)
     assert not hasattr(model, "_is_accelerate_prepared") and not any(m is model for m in accelerator._models)
+
+
+def test_accelerate_default_config_is_where_launch_looks():
+    """Checked against accelerate 1.15.0: `accelerate launch` without --config_file reads this path when it exists."""
+    from accelerate.commands import launch
+
+    assert "default_config_file" in inspect.getsource(launch)
+    assert default_config_file().name == "default_config.yaml"
 
 
 # --- bitsandbytes: the import notice, CPU repacking, 4-bit codes ---------------------------------------------

@@ -239,9 +239,11 @@ def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny
     assert {"eval_exact_match", "eval_rouge_l", "train_exact_match"} <= saved["after"].keys()
     assert load_task(out / "resolved_task.yaml") == load_task(qa_task)
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_path), out).eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_path), out, is_trainable=True)
     tokens = torch.tensor([[1, 5, 6, 7]])
-    assert model(tokens).logits.shape[-1] == model.config.vocab_size
+    assert model.eval()(tokens).logits.shape[-1] == model.config.vocab_size
+    assert saved["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "- rank / alpha: 8 / 16\n" in (out / "README.md").read_text()
 
     with pytest.raises(UserError, match="holds a finished run"):
         run_sft(load_task(qa_task))

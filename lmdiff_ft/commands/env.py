@@ -6,9 +6,10 @@ import json
 import os
 import platform
 import sys
-from pathlib import Path
 
 import torch
+
+from ..integrations.accelerate import default_config_file
 
 PACKAGES = ("lmdiff-ft", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "deepspeed")
 DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
@@ -52,9 +53,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 def accelerate_default_config() -> str | None:
     """`accelerate launch` without --config_file silently uses this file when it exists."""
-    from accelerate.commands.config.config_args import default_config_file
-
-    return default_config_file if Path(default_config_file).is_file() else None
+    path = default_config_file()
+    return str(path) if path.is_file() else None
 
 
 def check_4bit(device: torch.device, dtype: torch.dtype) -> dict:

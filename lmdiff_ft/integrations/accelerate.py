@@ -5,6 +5,7 @@ Checked against accelerate 1.15.0 (and transformers 5.24.0's Trainer, which call
 """
 
 import os
+from pathlib import Path
 
 
 def fsdp_enabled() -> bool:
@@ -23,6 +24,14 @@ def parameters_sharded() -> bool:
         and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     )
     return fsdp_enabled() or zero3
+
+
+def default_config_file() -> Path:
+    """Where `accelerate config` writes, and where `accelerate launch` without --config_file looks (whether or not
+    the file exists); accelerate keeps the path in a module of its command line."""
+    from accelerate.commands.config.config_args import default_config_file as path
+
+    return Path(path)
 
 
 def unprepare_after_evaluation(trainer) -> None:

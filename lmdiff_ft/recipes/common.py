@@ -235,8 +235,8 @@ def train_and_publish(
     collective, so all ranks must run the same ones) and takes part in gathering the weights; rank 0 alone
     prints and writes. No collective follows the gather, so the other ranks may leave while rank 0 writes.
     """
-    # counted before training shards the parameters (ZeRO-3 leaves each rank an empty tensor, its size in ds_numel)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
+    # PEFT's count, before training shards the parameters (it reads a ZeRO-3 parameter's size where DeepSpeed keeps it)
+    trainable, _ = trainer.model.get_nb_trainable_parameters()
     unprepare_after_evaluation(trainer)
     started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
