@@ -36,7 +36,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, seconds: float = 600
 def first_held_out_prompt(run: Path) -> str:
     """The first of the example prompts the app lists for this run (its task's eval split)."""
     from lmdiff_ft.schema.load import load_task
-    from lmdiff_ft.serve.compare import example_prompts
+    from lmdiff_ft.serve.runs import example_prompts
 
     return example_prompts(load_task(run / "resolved_task.yaml"))[0]
 

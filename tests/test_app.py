@@ -8,7 +8,10 @@ from test_compare import QUESTIONS, one_thread, trained_runs  # noqa: F401  (a s
 
 from lmdiff_ft.cli import build_parser, main
 from lmdiff_ft.serve.app import SLOTS, CompareApp
-from lmdiff_ft.serve.compare import BASE, Comparer, Limits, VoteLog
+from lmdiff_ft.serve.compare import Comparer
+from lmdiff_ft.serve.runs import BASE
+from lmdiff_ft.serve.settings import Limits
+from lmdiff_ft.serve.votes import VoteLog
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,10 @@ from lmdiff_ft.errors import UserError
 from lmdiff_ft.evaluation.generation import generate_answers, render_prompt
 from lmdiff_ft.evaluation.report import plot_loss_curve
 from lmdiff_ft.schema.task import AdapterConfig, EvalConfig
-from lmdiff_ft.serve.compare import (
-    BASE,
-    Comparer,
-    GenerationSettings,
-    Limits,
-    VoteLog,
-    attention_maps,
-    discover_runs,
-    task_prompt,
-)
+from lmdiff_ft.serve.compare import Comparer, attention_maps
+from lmdiff_ft.serve.runs import BASE, discover_runs, task_prompt
+from lmdiff_ft.serve.settings import GenerationSettings, Limits
+from lmdiff_ft.serve.votes import VoteLog
 
 SYSTEM = "Answer briefly."
 QUESTIONS = ["Which rocket flew Apollo?", "Who is Goddard named after?", "What does GPM measure?"]

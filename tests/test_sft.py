@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -278,6 +277,23 @@ def losses(run_dir) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
+KILLED_AFTER_STEP_5 = """
+import os, signal, sys
+import transformers
+from lmdiff_ft.cli import main
+
+training_step = transformers.Trainer.training_step
+
+def kill_after_step_5(self, *args, **kwargs):
+    if self.state.global_step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return training_step(self, *args, **kwargs)
+
+transformers.Trainer.training_step = kill_after_step_5
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(qa_task, tmp_path):
     overrides = ["train.max_steps=8", "train.save_steps=2", "eval.num_samples=0", "eval.train_samples=0"]
@@ -285,14 +301,17 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(qa_task, tmp_path):
     assert reference["global_step"] == 8
 
     out = tmp_path / "runs" / "qa"
-    process = run_cli(["sft", qa_task, *overrides])
-    deadline = time.time() + 300
-    while not (out / "checkpoint-4" / "trainer_state.json").exists():
-        assert process.poll() is None, process.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # the CLI killed with SIGKILL by itself, at a fixed point: after step 5, so checkpoint-4 is the last one (an
+    # outside kill raced the tiny run, which can finish all 8 steps between two looks at the directory)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_STEP_5, "sft", qa_task, *overrides],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "checkpoint-4" / "trainer_state.json").exists() and not (out / "checkpoint-6").exists()
     assert not (out / "adapter_config.json").exists(), "a killed run must not look finished"
 
     fresh = run_cli(["sft", qa_task, *overrides])

@@ -19,9 +19,11 @@ import gradio as gr
 from PIL import Image
 
 from ..errors import UserError
-from .compare import BASE, VOTES, Comparer, VoteLog
+from .compare import Comparer
 from .plots import attention_figure, lambda_figure, se_gate_figure
+from .runs import BASE
 from .settings import DEFAULT_LIMITS, GenerationSettings, Limits
+from .votes import VOTES, VoteLog
 
 MAX_ADAPTERS = 4
 SLOTS = 1 + MAX_ADAPTERS  # the base column, then the adapters

@@ -6,18 +6,15 @@ active (`set_adapter`), the base column with adapters disabled, from the same pr
 so two columns differ only by their weights. The inspection helpers show where: λ per layer, the SE gate's
 mean activation and the attention maps A1 and A1 − λ·A2 of one head, recomputed from the layer's input.
 
-No Gradio here: the app (`app.py`) and the tests drive this module directly.
+No Gradio here: the app (`app.py`) and the tests drive this module directly. Runs and their prompts are in
+`runs.py`, votes in `votes.py`.
 """
 
-import json
-import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
 
@@ -27,136 +24,13 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..adapters.known_base import BASE_INFO_FILE, load_adapter
+from ..adapters.known_base import load_adapter
 from ..base.loading import LoadedBase, load_base, load_tokenizer
-from ..data.rows import Prompt, user_texts, wrapped_prompt
-from ..data.sources import load_splits
 from ..errors import UserError
 from ..evaluation.generation import generation_settings, render_prompt
 from ..outputs import COMPLETION_MARKER
-from ..schema.load import load_task
-from ..schema.task import Task, template_fields
+from .runs import BASE, RunInfo, adapter_name, discover_runs, example_prompts, is_finished, read_run, task_prompt
 from .settings import DEFAULT_LIMITS, GenerationSettings, Limits
-
-BASE = "base"  # the column of the bare base; adapter names never take it
-KEY_METRICS = ("eval_loss", "eval_exact_match", "eval_rouge_l", "eval_accuracy", "eval_preference_accuracy")
-VOTES = ("left better", "right better", "tie", "both bad")
-
-
-# --- runs ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """A finished run directory: its adapter, the task that trained it, the base it was made for, its scores."""
-
-    name: str  # the PEFT adapter name and column id
-    path: Path
-    task: Task
-    base_info: dict
-    metrics: dict  # after training
-
-    @property
-    def fingerprint(self) -> str | None:
-        return self.base_info.get("fingerprint")
-
-    @property
-    def label(self) -> str:
-        """'nasa_qa (run dir) · loss 1.23 · exact_match 0.4': what a user picks a column by."""
-        title = self.task.name if self.path.name == self.task.name else f"{self.task.name} ({self.path.name})"
-        scores = [f"{k.removeprefix('eval_')} {self.metrics[k]:.3g}" for k in KEY_METRICS if k in self.metrics]
-        return " · ".join([title, *scores[:3]])
-
-
-def is_finished(directory: Path) -> bool:
-    """PEFT's adapter_config.json is written last (outputs.publish_run), so it marks a finished run."""
-    return (directory / COMPLETION_MARKER).is_file()
-
-
-def find_run_dirs(roots: Sequence[Path]) -> list[Path]:
-    """Each root that is a finished run, else its finished subdirectories (`runs/` → `runs/<task>`)."""
-    found = []
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            raise UserError(f"{root}: no such directory (expected a run directory or a directory of runs)")
-        candidates = [root] if is_finished(root) else sorted(p for p in root.iterdir() if p.is_dir())
-        found += [p.resolve() for p in candidates if is_finished(p) and p.resolve() not in found]
-    return found
-
-
-def adapter_name(directory: Path, taken: Sequence[str]) -> str:
-    """A PEFT-safe name (no dots: it becomes a module key) from the directory name, unique among `taken`."""
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", directory.name) or "run"
-    name, n = stem, 1
-    while name in taken or name == BASE:
-        n += 1
-        name = f"{stem}_{n}"
-    return name
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc})") from None
-
-
-def read_run(directory: Path, name: str) -> RunInfo:
-    """The run's task, base and metrics; a run missing any of them is refused with the file it lacks."""
-    directory = Path(directory)
-    base_info = read_json(directory / BASE_INFO_FILE)
-    task = load_task(directory / "resolved_task.yaml")
-    metrics = read_json(directory / "metrics.json").get("after", {}) if (directory / "metrics.json").is_file() else {}
-    return RunInfo(name, directory, task, base_info, metrics)
-
-
-def discover_runs(roots: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
-    """Every finished run under `roots`, and one line per run that could not be read."""
-    runs, problems = [], []
-    for directory in find_run_dirs(roots):
-        try:
-            runs.append(read_run(directory, adapter_name(directory, [r.name for r in runs])))
-        except UserError as exc:
-            problems.append(str(exc))
-    return runs, problems
-
-
-# --- prompts -------------------------------------------------------------------------------------------
-
-
-def single_placeholder(task: Task) -> str | None:
-    """The column the task's prompt template fills, when it has exactly one: the prompt box fills it."""
-    fields = template_fields(task.template.prompt or "")
-    return fields[0] if len(fields) == 1 else None
-
-
-def task_prompt(task: Task | None, text: str) -> Prompt:
-    """The prompt as the run's training built it from `text`: its prompt template, system text, chat or plain."""
-    if task is None:
-        return [{"role": "user", "content": text}]
-    field = single_placeholder(task)
-    if field is not None:
-        text = task.template.prompt.replace("{" + field + "}", text)
-    return text if task.data.format == "text" else wrapped_prompt(text, task)
-
-
-def example_prompts(task: Task, limit: int = 8) -> list[str]:
-    """The first eval rows, as a user would type them into the prompt box."""
-    if task.data.format == "text":
-        return []
-    try:
-        _, rows = load_splits(task)
-    except UserError:  # the data moved since training: the app works without examples
-        return []
-    rows = rows.select(range(min(limit, len(rows))))
-    field = single_placeholder(task)
-    if field is not None:
-        return [str(row[field]) for row in rows]
-    return user_texts(rows, task, "eval")
-
 
 # --- generation ----------------------------------------------------------------------------------------
 
@@ -473,46 +347,3 @@ class Comparer:
             softmax_map=first.cpu(),
             diff_map=diff.cpu(),
         )
-
-
-# --- votes ---------------------------------------------------------------------------------------------
-
-
-class VoteLog:
-    """Pairwise judgements, one JSON line each, appended to `<data dir>/votes.jsonl`."""
-
-    def __init__(self, directory: str | Path):
-        self.path = Path(directory) / "votes.jsonl"
-        self._lock = threading.Lock()
-
-    def record(
-        self, vote: str, prompt: str, settings: GenerationSettings, left: dict, right: dict, prompt_format: str
-    ) -> dict:
-        """`left`/`right`: {"column", "label", "output"}. Returns the line written."""
-        if vote not in VOTES:
-            raise UserError(f"unknown vote {vote!r}; expected one of {', '.join(VOTES)}")
-        line = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "vote": vote,
-            "prompt": prompt,
-            "prompt_format": prompt_format,
-            "settings": asdict(settings),
-            "left": left,
-            "right": right,
-        }
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        return line
-
-    def tally(self) -> list[list]:
-        """One row per (left, right) pair: the pair, then the count of each vote."""
-        if not self.path.is_file():
-            return []
-        counts: dict[tuple[str, str], Counter] = {}
-        for text in self.path.read_text(encoding="utf-8").splitlines():
-            line = json.loads(text)
-            pair = (line["left"]["column"], line["right"]["column"])
-            counts.setdefault(pair, Counter())[line["vote"]] += 1
-        return [[*pair, *(count[v] for v in VOTES)] for pair, count in counts.items()]
