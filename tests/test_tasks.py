@@ -38,7 +38,7 @@ def test_minimal_task_gets_every_default(tmp_path, monkeypatch):
     path = write_task(tmp_path / "tasks", MINIMAL)
     task = load_task(path)
     assert task.name == "qa" and task.source_path == path
-    assert (task.base.path, task.base.is_tiny, task.base.seed, task.base.convert_from_llama) == ("tiny", True, 0, False)
+    assert (task.base.path, task.base.seed, task.base.convert_from_llama) == ("tiny", 0, False)
     assert (task.quantization, task.dtype) == ("auto", "auto")
     assert task.adapter.presets == ["diff_attn", "lambda", "se_gate"]
     assert (task.adapter.r, task.adapter.alpha, task.adapter.dropout, task.adapter.layers) == (16, 32, 0.05, None)

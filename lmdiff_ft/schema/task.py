@@ -33,7 +33,6 @@ LossType = Literal[
 
 # Bases built locally on first use (lmdiff_ft/base/named.py)
 NamedBase = Literal["tiny", "smollm2-135m"]
-TINY: NamedBase = "tiny"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical column names per data format; `data.fields` maps them to the dataset's own column names.
 FORMAT_FIELDS = {
@@ -117,10 +116,6 @@ class BaseConfig:
     path: str = field(metadata=NOT_EMPTY)
     convert_from_llama: bool = False
     seed: int = 0  # only for `tiny`: which tiny base
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.path == TINY
 
 
 @dataclass(kw_only=True)
