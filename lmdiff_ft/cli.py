@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_override(value: object) -> bool:
-    """`key=value` that names no existing path: an override, where an option's optional value could go."""
+    """`key=value` that names no existing path: an override, wherever it stands (after options too, or where an
+    option's optional value or DPO's optional task could go)."""
     return isinstance(value, str) and "=" in value and not value.startswith("-") and not Path(value).exists()
 
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.resume)
         args.resume = True
     # `key=value` overrides may come after options too (`sft task.yaml --dry-run train.lr=1e-4`)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and hasattr(args, "overrides") and all(is_override(e) for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
