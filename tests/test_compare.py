@@ -18,7 +18,7 @@ from lmdiff_ft.errors import UserError
 from lmdiff_ft.evaluation.generation import generate_answers, render_prompt
 from lmdiff_ft.evaluation.report import plot_loss_curve
 from lmdiff_ft.schema.task import AdapterConfig, EvalConfig
-from lmdiff_ft.serve.compare import Comparer, attention_maps
+from lmdiff_ft.serve.compare import Comparer
 from lmdiff_ft.serve.runs import BASE, discover_runs, task_prompt
 from lmdiff_ft.serve.settings import GenerationSettings, Limits
 from lmdiff_ft.serve.votes import VoteLog
@@ -218,34 +218,29 @@ def test_lambda_and_se_gate_follow_the_active_adapter(comparer, trained_runs, ti
     assert base.se_gate == pytest.approx([1.0, 1.0], abs=1e-6)  # a fresh base's SE gate is exactly 1 (fc2 = 0)
     assert alpha.se_gate != base.se_gate
     assert comparer.lambdas("alpha") == alpha.lambdas
-    assert len(alpha.tokens) == len(ids) and alpha.softmax_map.shape == (len(ids), len(ids))
+    assert len(alpha.tokens) == len(ids)
 
 
 @torch.no_grad()
-def test_recomputed_attention_maps_give_the_models_attention_output(comparer):
-    """A1 − λ·A2 times v (then subln) must be exactly what the layer feeds o_proj, head by head."""
+def test_the_attention_map_is_the_models_own_and_generation_stays_on_sdpa(comparer):
+    """The map shown is the one the model returns under eager attention, with the column's adapter active: each
+    row of A1 − λ·A2 sums to 1 − λ of that layer. Generation afterwards is back on SDPA."""
     ids = comparer.prompt_ids(QUESTIONS[0], "alpha")
-    captured = {}
-    with comparer.weights("alpha"):
-        attn = comparer.layers[1].self_attn
-        hooks = [
-            attn.register_forward_pre_hook(lambda m, args: captured.update(hidden=args[0], rope=args[1])),
-            attn.o_proj.register_forward_pre_hook(lambda m, args: captured.update(o_input=args[0])),
-        ]
-        try:
-            comparer.model(input_ids=torch.tensor([ids]))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        length, d = len(ids), attn.head_dim
-        values = attn.v_proj(captured["hidden"]).view(1, length, -1, d).transpose(1, 2)
-        o_input = captured["o_input"].view(length, attn.num_heads, d)
-        for head in range(attn.num_heads):
-            first, diff = attention_maps(attn, captured["hidden"], captured["rope"], head)
-            assert torch.allclose(first.sum(-1), torch.ones(length))
-            out = diff @ values[0, head // (attn.num_heads // attn.num_kv_heads)]
-            out = attn.subln_scale * attn.subln(out) if attn.subln is not None else out
-            torch.testing.assert_close(out, o_input[:, head], atol=1e-5, rtol=1e-4)
+    alpha, base = comparer.inspect("alpha", ids, layer=1, head=2), comparer.inspect(BASE, ids, layer=1, head=2)
+    assert comparer.base.model.config._attn_implementation == "sdpa"
+    assert alpha.diff_map.shape == (len(ids), len(ids))
+    for inspection in (alpha, base):
+        ones = torch.ones(len(ids))
+        torch.testing.assert_close(inspection.diff_map.sum(-1), ones * (1 - inspection.lambdas[1]), atol=1e-5, rtol=0)
+        assert inspection.diff_map.triu(1).abs().max() == 0  # causal
+    assert not torch.allclose(alpha.diff_map, base.diff_map)  # alpha trained the projections and λ
+    comparer.base.model.set_attn_implementation("eager")
+    try:
+        with comparer.weights("alpha"):
+            own = comparer.model(input_ids=torch.tensor([ids]), output_attentions=True).attentions[1][0, 2]
+    finally:
+        comparer.base.model.set_attn_implementation("sdpa")
+    assert torch.equal(own, alpha.diff_map)
 
 
 def test_votes_are_appended_and_tallied(tmp_path):

@@ -287,3 +287,72 @@ def test_a_frozen_zero_fc_gamma_is_skipped_exactly_and_used_again_once_it_change
     with torch.no_grad():
         norms[0].fc_gamma.bias.fill_(0.5)  # e.g. a merged adapter: in place, so its version counter moves
     assert model(tokens, attention_mask=mask).logits is not None and len(calls) == 1
+
+
+@torch.no_grad()
+def test_return_dict_false_gives_the_tuple_of_the_outputs(random_lmdiff):
+    tokens, mask = padded_batch()
+    as_dict = random_lmdiff(tokens, attention_mask=mask, labels=tokens, use_cache=True)
+    as_tuple = random_lmdiff(tokens, attention_mask=mask, labels=tokens, use_cache=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3  # loss, logits, cache (None fields are left out)
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
+    hidden = random_lmdiff.model(tokens, attention_mask=mask, return_dict=False)
+    assert isinstance(hidden, tuple)
+    assert torch.allclose(random_lmdiff.lm_head(hidden[0]), as_dict.logits)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@torch.no_grad()
+def test_eager_attention_matches_sdpa_and_returns_the_differential_maps(random_lmdiff, packed):
+    """Eager attention computes what SDPA computes, padded, cached or packed, and gives the maps A1 − λ·A2."""
+    tokens, mask = padded_batch(length=16)
+    if packed:  # two sequences in each row, as TRL's padding-free packing sends them
+        kwargs = dict(position_ids=torch.cat([torch.arange(9), torch.arange(7)])[None].expand(3, -1))
+    else:
+        kwargs = dict(attention_mask=mask)
+    assert random_lmdiff.config._attn_implementation == "sdpa"  # the default
+    fast = random_lmdiff(tokens, **kwargs, output_attentions=True)
+    assert not fast.attentions  # SDPA gives no maps (and transformers warns)
+    random_lmdiff.set_attn_implementation("eager")
+    eager = random_lmdiff(tokens, **kwargs, output_attentions=True)
+    valid = torch.ones_like(mask).bool() if packed else mask.bool()
+    assert (eager.logits - fast.logits)[valid].abs().max().item() <= 1e-5
+    if packed:
+        assert not eager.attentions  # each sequence is attended alone: no [T, T] map to give
+        return
+    cached = decode_in_chunks(random_lmdiff, tokens, mask, [5, 3, 7, 1])
+    assert (cached - fast.logits)[valid].abs().max().item() <= 1e-4
+    layers, heads = TINY["num_hidden_layers"], TINY["num_attention_heads"]
+    assert len(eager.attentions) == layers and eager.attentions[0].shape == (3, heads, 16, 16)
+    # Recompute layer 1's maps from its input: A1 − λ·A2, causal, padding keys unattended.
+    captured = {}
+    attn = random_lmdiff.model.layers[1].self_attn
+    hook = attn.register_forward_pre_hook(lambda module, args: captured.update(hidden=args[0], rope=args[1]))
+    random_lmdiff(tokens, attention_mask=mask)
+    hook.remove()
+    head_dim, groups = attn.head_dim, attn.num_key_value_groups
+
+    def heads_of(proj):
+        x = proj(captured["hidden"]).view(3, 16, -1, head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in captured["rope"])
+        return x * cos + modeling_lmdiff.rotate_half(x) * sin
+
+    allowed = torch.ones(16, 16).tril().bool()[None, None] & mask.bool()[:, None, None, :]
+    allowed |= torch.eye(16, dtype=torch.bool)[None, None]
+
+    def softmax_map(q_proj, k_proj):
+        scores = heads_of(q_proj) @ heads_of(k_proj).repeat_interleave(groups, dim=1).transpose(-1, -2)
+        return (scores * attn.scaling).masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    expected = softmax_map(attn.q_proj, attn.k_proj) - attn.diff_lambda() * softmax_map(attn.q2_proj, attn.k2_proj)
+    assert (eager.attentions[1] - expected).abs().max().item() <= 1e-5
+    assert eager.attentions[1][~allowed.expand_as(expected)].abs().max().item() == 0.0
+
+
+def test_attention_maps_keep_their_gradient(random_lmdiff):
+    random_lmdiff.set_attn_implementation("eager")
+    tokens, mask = padded_batch()
+    out = random_lmdiff(tokens, attention_mask=mask, output_attentions=True)
+    out.attentions[0].retain_grad()
+    out.logits.sum().backward()
+    assert out.attentions[0].grad is not None and out.attentions[0].grad.abs().sum() > 0

@@ -30,13 +30,15 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
+    repeat_kv,
     rotate_half,
 )
+from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -123,8 +125,9 @@ class PackedSequences:
         return cls(positions=positions, gather=gather, scatter=sequence * longest + flat)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **sdpa_kwargs) -> torch.Tensor:
-        """SDPA per sequence; [B, heads, T, d] in, [B, heads, T, d] out. A padded tail only follows its
-        sequence's real tokens, so the causal flag already keeps it out of their attention."""
+        """SDPA per sequence; [B, heads, T, d] in, [B, T, heads, d] out (as transformers' attention functions
+        return it). A padded tail only follows its sequence's real tokens, so the causal flag already keeps it out
+        of their attention."""
         batch, _, length, head_dim = query.shape
         sequences, longest = self.gather.shape
 
@@ -136,7 +139,7 @@ class PackedSequences:
             per_sequence(query), per_sequence(key), per_sequence(value), is_causal=True, **sdpa_kwargs
         )
         output = output.transpose(1, 2).reshape(sequences * longest, -1, head_dim)[self.scatter]
-        return output.view(batch, length, -1, head_dim).transpose(1, 2)
+        return output.view(batch, length, -1, head_dim)
 
 
 def packed_sequences(position_ids: torch.Tensor, token_mask: torch.Tensor | None) -> PackedSequences | None:
@@ -163,18 +166,31 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+    attention_mask: torch.Tensor | None,
+    query_length: int,
+    past_length: int,
+    device: torch.device,
+    additive_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """Boolean [B, 1, q, k] mask (True = attend), or None when SDPA's own causal flag is enough.
+
+    With `additive_dtype` (eager attention, which adds the mask to its scores and has no causal flag) always a
+    mask, in that dtype: 0 where a query attends, the dtype's minimum elsewhere.
 
     Each query may always attend to itself: a padding query would otherwise see nothing, and SDPA would
     return NaN there, which the masked means (0 · NaN) would then spread.
     """
     has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if additive_dtype is not None:
+        allowed = build_attention_mask(attention_mask, query_length, past_length, device)
+        if allowed is None:
+            key_pos = torch.arange(past_length + query_length, device=device)
+            allowed = key_pos[None, None, None, :] <= key_pos[past_length:, None]
+        zeros = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(additive_dtype).min)
     if not has_padding and (past_length == 0 or query_length == 1):
         return None
     key_length = past_length + query_length
-    device = attention_mask.device if attention_mask is not None else None
     key_pos = torch.arange(key_length, device=device)
     query_pos = torch.arange(past_length, key_length, device=device)
     allowed = key_pos[None, :] <= query_pos[:, None]
@@ -272,18 +288,50 @@ class LmDiffLambda(nn.Module):
         return first - second + self.lambda_base
 
 
+def differential_eager_attention_forward(
+    module: "LmDiffAttention",
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's eager attention, with the two branches' softmax maps combined into A1 − λ·A2 before the values:
+    the map returned is then the one that really mixes v (and carries its gradient). [B, T, heads, d] out."""
+    scores = torch.matmul(query, repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if module.use_diff_attn:
+        first, second = weights.chunk(2, dim=1)
+        weights = torch.addcmul(first, second, module.diff_lambda().to(weights.dtype), value=-1.0)
+        value = value.chunk(2, dim=1)[0]  # [v; v]
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, repeat_kv(value, module.num_key_value_groups))
+    return output.transpose(1, 2).contiguous(), weights
+
+
 class LmDiffAttention(nn.Module):
-    """Differential attention: A1·v − λ·A2·v, both softmax maps in one fused SDPA call (no T×T tensor
-    outside the kernel) by stacking the heads of the two branches (queries [q1; q2], keys [k1; k2], values
-    [v; v], so also in the cache), with GQA as in Llama. RoPE is one pass over all query and key heads, in
-    the projections' own [B, T, heads, d] layout."""
+    """Differential attention: A1·v − λ·A2·v, both softmax maps in one attention call by stacking the heads of
+    the two branches (queries [q1; q2], keys [k1; k2], values [v; v], so also in the cache), with GQA as in
+    Llama. RoPE is one pass over all query and key heads, in the projections' own [B, T, heads, d] layout.
+
+    The call goes through transformers' attention functions (`config._attn_implementation`): SDPA by default
+    (no T×T tensor outside the kernel; on GPUs PyTorch picks its flash kernel), or eager, which also returns the
+    maps: the differential map A1 − λ·A2 per head is what `output_attentions=True` gives
+    (`differential_eager_attention_forward`)."""
 
     def __init__(self, config: LmDiffConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
+        self.is_causal = True
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # the same for the stacked branches
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         hidden, bias = config.hidden_size, config.attention_bias
@@ -309,7 +357,8 @@ class LmDiffAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: LmDiffCacheLayer | None = None,
         packed: PackedSequences | None = None,
-    ) -> torch.Tensor:
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         projections = [self.q_proj, self.k_proj]
         if self.use_diff_attn:
@@ -327,30 +376,28 @@ class LmDiffAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value)
 
-        sdpa_kwargs = dict(
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=self.scaling,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        if packed is not None:
-            output = packed.attend(query, key, value, **sdpa_kwargs)
+        dropout = self.attention_dropout if self.training else 0.0
+        weights = None  # the maps [B, heads, T, past + T], from eager attention only
+        if packed is not None:  # each sequence alone, whatever the implementation (no maps)
+            output = packed.attend(
+                query, key, value, dropout_p=dropout, scale=self.scaling, enable_gqa=self.num_key_value_groups > 1
+            )
         else:
-            output = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                is_causal=attention_mask is None and length > 1,
-                **sdpa_kwargs,
-            )  # [B, heads, T, d]
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, differential_eager_attention_forward
+            )
+            output, weights = attention(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )  # output [B, T, heads, d]: both branches' heads, or (eager) already A1·v − λ·A2·v
 
         if self.use_diff_attn:
-            first, second = output.chunk(2, dim=1)
-            output = torch.addcmul(first, second, self.diff_lambda().to(first.dtype), value=-1.0)  # A1·v − λ·A2·v
+            if output.shape[2] == self.query_heads:
+                first, second = output.chunk(2, dim=2)
+                output = torch.addcmul(first, second, self.diff_lambda().to(first.dtype), value=-1.0)  # A1·v − λ·A2·v
             if self.subln is not None:
                 output = self.subln_scale * self.subln(output)
-        output = output.transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(output)
+        output = output.reshape(batch, length, -1)
+        return self.o_proj(output), weights
 
 
 class LmDiffTokenMixing(nn.Module):
@@ -449,8 +496,13 @@ class LmDiffDecoderLayer(GradientCheckpointingLayer):
             if cache is not None:
                 cache.context = running
 
-        attended = self.self_attn(
-            self.input_layernorm(hidden_states, context, normed), position_embeddings, attention_mask, cache, packed
+        attended, _ = self.self_attn(
+            self.input_layernorm(hidden_states, context, normed),
+            position_embeddings,
+            attention_mask,
+            cache,
+            packed,
+            **kwargs,
         )
         if self.token_mixing is not None:
             attended = self.token_mixing(attended, token_mask, cache, packed)
@@ -471,7 +523,7 @@ class LmDiffPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["diff_lambda"]
     _supports_sdpa = True
     _is_stateful = True  # the running sums cannot be rewound, so no assisted decoding
-    _can_record_outputs = {"hidden_states": LmDiffDecoderLayer}
+    _can_record_outputs = {"hidden_states": LmDiffDecoderLayer, "attentions": LmDiffAttention}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -537,7 +589,10 @@ class LmDiffModel(LmDiffPreTrainedModel):
             if cache is not None:
                 raise ValueError("packed sequences (position_ids restarting within a row) cannot use a cache")
             use_cache = False  # a cache holding several sequences could not be continued
-        causal_mask = build_attention_mask(attention_mask, length, past_length)
+        eager = self.config._attn_implementation == "eager"
+        causal_mask = build_attention_mask(
+            attention_mask, length, past_length, inputs_embeds.device, inputs_embeds.dtype if eager else None
+        )
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
@@ -553,6 +608,7 @@ class LmDiffModel(LmDiffPreTrainedModel):
                 token_mask=token_mask,
                 cache=cache.layers[i] if cache is not None else None,
                 packed=packed,
+                **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
@@ -568,6 +624,7 @@ class LmDiffForCausalLM(LmDiffPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -597,7 +654,11 @@ class LmDiffForCausalLM(LmDiffPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 

@@ -164,7 +164,7 @@ class CompareApp:
         return [
             lambda_figure(base, tuned, adapter),
             se_gate_figure(base, tuned, adapter),
-            attention_figure({"base": base, adapter: tuned}),
+            attention_figure(base, tuned, adapter),
             loss_curve,
             note or f"{len(ids)} prompt tokens, layer {int(layer)}, head {int(head)}",
         ]

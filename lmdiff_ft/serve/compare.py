@@ -4,7 +4,7 @@ A run directory (what `lmdiff-ft sft` writes) is served as a column: the base is
 the runs' task said, and each adapter joins it as a named PEFT adapter. A column generates with its adapter
 active (`set_adapter`), the base column with adapters disabled, from the same prompt ids and the same seed,
 so two columns differ only by their weights. The inspection helpers show where: λ per layer, the SE gate's
-mean activation and the attention maps A1 and A1 − λ·A2 of one head, recomputed from the layer's input.
+mean activation and the differential attention map A1 − λ·A2 of one head, as the model itself returns it.
 
 No Gradio here: the app (`app.py`) and the tests drive this module directly. Runs and their prompts are in
 `runs.py`, votes in `votes.py`.
@@ -22,7 +22,6 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.known_base import load_adapter
 from ..base.loading import LoadedBase, load_base, load_tokenizer
@@ -82,38 +81,25 @@ class _StopWhenSet(StoppingCriteria):
 
 @dataclass
 class Inspection:
-    """Why a column answers as it does, on one prompt: λ and the SE gate per layer, and one head's maps."""
+    """Why a column answers as it does, on one prompt: λ and the SE gate per layer, and one head's map."""
 
     tokens: list[str]
     lambdas: list[float]  # per layer
     se_gate: list[float]  # mean of 2·sigmoid(fc2(...)) over the prompt's tokens and channels, per layer
     layer: int
     head: int
-    softmax_map: torch.Tensor  # A1 [T, T]
-    diff_map: torch.Tensor  # A1 − λ·A2 [T, T]
+    diff_map: torch.Tensor  # A1 − λ·A2 [T, T]: what mixes the values (each row sums to 1 − λ)
 
 
-def attention_maps(attn: torch.nn.Module, hidden: torch.Tensor, rope: tuple, head: int) -> tuple:
-    """A1 and A1 − λ·A2 of one head, recomputed as `LmDiffAttention.forward` computes them (q/k projections
-    with their adapters, RoPE, GQA, causal softmax) from the layer's normalized input `hidden` [1, T, D]."""
-    length = hidden.shape[1]
-
-    def heads(proj: torch.nn.Module) -> torch.Tensor:
-        return proj(hidden).view(1, length, -1, attn.head_dim).transpose(1, 2)
-
-    query = torch.cat([heads(attn.q_proj), heads(attn.q2_proj)], dim=1)
-    key = torch.cat([heads(attn.k_proj), heads(attn.k2_proj)], dim=1)
-    query, key = apply_rotary_pos_emb(query, key, *rope)
-    (q1, q2), (k1, k2) = query.chunk(2, dim=1), key.chunk(2, dim=1)
-    kv_head = head // (attn.num_heads // attn.num_kv_heads)
-    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
-
-    def softmax_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        scores = (q[0, head].float() @ k[0, kv_head].float().T) * attn.scaling
-        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-
-    first, second = softmax_map(q1, k1), softmax_map(q2, k2)
-    return first, first - attn.diff_lambda().float() * second
+@contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Only eager attention returns the maps (SDPA never forms them); generation goes back to the previous one."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 # --- the engine ----------------------------------------------------------------------------------------
@@ -310,7 +296,7 @@ class Comparer:
             return [float(layer.self_attn.diff_lambda()) for layer in self.layers]
 
     def inspect(self, column: str, prompt_ids: list[int], layer: int, head: int) -> Inspection:
-        """One forward pass of `column` on the prompt, with hooks that read the SE gates and one layer's input."""
+        """One forward pass of `column` on the prompt with its attention maps, and hooks that read the SE gates."""
         config = self.base.model.config
         if not config.use_diff_attn:
             raise UserError("this base has no differential attention (use_diff_attn is off): nothing to show")
@@ -320,22 +306,16 @@ class Comparer:
                 f"and heads 0-{config.num_attention_heads - 1}"
             )
         gates: dict[int, float] = {}
-        captured: dict[str, object] = {}
 
         def gate_hook(index: int):
             return lambda module, args, output: gates.__setitem__(index, (2 * torch.sigmoid(output)).mean().item())
 
-        def attention_input(module, args):
-            captured["hidden"], captured["rope"] = args[0], args[1]
-
-        with ExitStack() as hooks, self.weights(column), torch.no_grad():
+        with ExitStack() as hooks, self.weights(column), eager_attention(self.base.model), torch.no_grad():
             for index, block in enumerate(self.layers):
                 if block.se_gate is not None:
                     hooks.callback(block.se_gate.fc2.register_forward_hook(gate_hook(index)).remove)
-            hooks.callback(self.layers[layer].self_attn.register_forward_pre_hook(attention_input).remove)
-            self.model(input_ids=torch.tensor([prompt_ids], device=self.model.device))
-            attn = self.layers[layer].self_attn
-            first, diff = attention_maps(attn, captured["hidden"], captured["rope"], head)
+            ids = torch.tensor([prompt_ids], device=self.model.device)
+            maps = self.model(input_ids=ids, output_attentions=True).attentions[layer][0, head]
             lambdas = [float(block.self_attn.diff_lambda()) for block in self.layers]
         tokenizer = self.tokenizers.get(column, self.base.tokenizer)
         return Inspection(
@@ -344,6 +324,5 @@ class Comparer:
             se_gate=[gates.get(i, float("nan")) for i in range(len(self.layers))],
             layer=layer,
             head=head,
-            softmax_map=first.cpu(),
-            diff_map=diff.cpu(),
+            diff_map=maps.float().cpu(),
         )

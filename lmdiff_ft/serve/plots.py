@@ -34,25 +34,23 @@ def se_gate_figure(base: Inspection, adapter: Inspection, adapter_label: str) ->
     )
 
 
-def attention_figure(maps: dict[str, Inspection]) -> Figure:
-    """A row per model: the plain softmax map A1 next to the differential map A1 − λ·A2 (query × key).
-    The differential map can be negative, so it gets a diverging scale centred on 0."""
-    first = next(iter(maps.values()))
-    size = 2.2 + 0.12 * min(len(first.tokens), MAX_TICK_TOKENS)
-    figure = Figure(figsize=(2 * size + 1.5, size * len(maps)), layout="constrained")
-    grid = figure.subplots(len(maps), 2, squeeze=False)
-    for row, (name, inspection) in zip(grid, maps.items(), strict=True):
-        bound = max(float(inspection.diff_map.abs().max()), 1e-6)
-        panels = (
-            (inspection.softmax_map, "A1 (softmax)", "viridis", 0.0, 1.0),
-            (inspection.diff_map, "A1 − λ·A2 (differential)", "RdBu_r", -bound, bound),
-        )
-        for axes, (values, title, cmap, low, high) in zip(row, panels, strict=True):
-            image = axes.imshow(values.numpy(), cmap=cmap, vmin=low, vmax=high)
-            axes.set_title(f"{name}: {title}", fontsize="small")
-            label_tokens(axes, inspection.tokens)
-            figure.colorbar(image, ax=axes, shrink=0.8)
-    figure.suptitle(f"layer {first.layer}, head {first.head}")
+def attention_figure(base: Inspection, adapter: Inspection, adapter_label: str) -> Figure:
+    """The differential map A1 − λ·A2 (query × key) of the base, of the adapter, and their difference: where the
+    adapter moved attention. The maps can be negative, so all three share one diverging scale centred on 0."""
+    panels = {
+        "base": base.diff_map,
+        adapter_label: adapter.diff_map,
+        f"{adapter_label} − base": adapter.diff_map - base.diff_map,
+    }
+    bound = max(max(float(values.abs().max()) for values in panels.values()), 1e-6)
+    size = 2.2 + 0.12 * min(len(base.tokens), MAX_TICK_TOKENS)
+    figure = Figure(figsize=(3 * size + 1.5, size), layout="constrained")
+    for axes, (title, values) in zip(figure.subplots(1, 3), panels.items(), strict=True):
+        image = axes.imshow(values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
+        axes.set_title(title, fontsize="small")
+        label_tokens(axes, base.tokens)
+    figure.colorbar(image, ax=figure.axes, shrink=0.8)
+    figure.suptitle(f"A1 − λ·A2, layer {base.layer}, head {base.head}")
     return figure
 
 
