@@ -17,7 +17,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
-from conftest import tiny_lmdiff_config
+from conftest import randomize_lmdiff_parameters, tiny_lmdiff_config
 from safetensors.torch import load_file
 from test_sft import QA, write_jsonl, write_task
 
@@ -89,6 +89,45 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
     assert (double / "README.md").is_file() and (double / "checkpoint-4" / "adapter_model.safetensors").is_file()
     out = done.stdout
     assert out.count("qa: before → after") == 1 and out.count("wrote ") == 1 and out.count("data: ") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_tensor_parallel_forward_and_generation_on_two_processes_match_one(tmp_path, tied):
+    """transformers' tensor parallelism with LM-Diff's own plan (q2/k2 sharded by heads like q/k, the embedding and
+    lm_head by vocabulary, tied or not): two CPU ranks under torchrun give one process's logits and tokens."""
+    torch.manual_seed(0)
+    model = LmDiffForCausalLM(tiny_lmdiff_config(tie_word_embeddings=tied)).eval()
+    randomize_lmdiff_parameters(model)
+    model.save_pretrained(tmp_path / "model")
+    tokens = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    batch = {"input_ids": tokens, "attention_mask": mask}
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    script = Path(__file__).parent / "scripts" / "tensor_parallel_forward.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    command += [str(tmp_path / "model"), str(tmp_path / "batch.pt"), str(tmp_path / "tp")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    parallel = torch.load(tmp_path / "tp.pt")
+    assert (parallel["logits"] - logits)[mask.bool()].abs().max().item() <= 1e-5
+    assert torch.equal(parallel["generated"], generated)
+    shapes = json.loads((tmp_path / "tp.shapes.json").read_text())
+    halved = [name for name, s in shapes.items() if s["local"][0] * 2 in (s["full"][0], s["full"][0] + 1)]
+    layer = "model.layers.1.self_attn."
+    for name in ("q_proj", "k_proj", "v_proj", "q2_proj", "k2_proj"):
+        assert layer + name + ".weight" in halved  # by rows: each rank holds half the heads
+    assert shapes[layer + "o_proj.weight"]["local"] == [64, 32]  # by columns
+    assert "model.embed_tokens.weight" in halved  # 97 tokens: 49 on rank 0
+    assert ("lm_head.weight" in halved) != tied  # tied: one tensor, listed once under the embedding's name
+    assert shapes[layer + "diff_lambda.lambda_q1"]["local"] == shapes[layer + "diff_lambda.lambda_q1"]["full"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -342,7 +342,6 @@ class LmDiffAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
         self.use_diff_attn = config.use_diff_attn
-        self.query_heads = self.num_heads * (2 if self.use_diff_attn else 1)
         if self.use_diff_attn:
             self.q2_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
             self.k2_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
@@ -360,14 +359,16 @@ class LmDiffAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
-        projections = [self.q_proj, self.k_proj]
+        queries, keys = [self.q_proj], [self.k_proj]
         if self.use_diff_attn:
-            projections = [self.q_proj, self.q2_proj, self.k_proj, self.k2_proj]
-        query_key = torch.cat([proj(hidden_states) for proj in projections], dim=-1)
-        query_key = query_key.view(batch, length, -1, self.head_dim)  # heads: q1 [, q2], k1 [, k2]
+            queries, keys = [self.q_proj, self.q2_proj], [self.k_proj, self.k2_proj]
+        projected = [proj(hidden_states) for proj in queries + keys]
+        # this process's query heads: all of them, or its share under tensor parallelism (the plan shards by heads)
+        query_heads = sum(p.shape[-1] for p in projected[: len(queries)]) // self.head_dim
+        query_key = torch.cat(projected, dim=-1).view(batch, length, -1, self.head_dim)  # q1 [, q2], k1 [, k2]
         cos, sin = (t.unsqueeze(2) for t in position_embeddings)
         query_key = (query_key * cos + rotate_half(query_key) * sin).transpose(1, 2)  # RoPE, then [B, heads, T, d]
-        query, key = query_key.split([self.query_heads, query_key.shape[1] - self.query_heads], dim=1)
+        query, key = query_key.split([query_heads, query_key.shape[1] - query_heads], dim=1)
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         if self.use_diff_attn:
             # v for both branches. Duplicated before the cache, so a decode step copies one token's v, not
@@ -391,7 +392,7 @@ class LmDiffAttention(nn.Module):
             )  # output [B, T, heads, d]: both branches' heads, or (eager) already A1·v − λ·A2·v
 
         if self.use_diff_attn:
-            if output.shape[2] == self.query_heads:
+            if output.shape[2] == query_heads:
                 first, second = output.chunk(2, dim=2)
                 output = torch.addcmul(first, second, self.diff_lambda().to(first.dtype), value=-1.0)  # A1·v − λ·A2·v
             if self.subln is not None:
@@ -616,6 +617,7 @@ class LmDiffModel(LmDiffPreTrainedModel):
 
 class LmDiffForCausalLM(LmDiffPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as Llama's: each rank projects its share of the vocabulary
 
     def __init__(self, config: LmDiffConfig):
         super().__init__(config)
