@@ -92,6 +92,37 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
 
 
 @pytest.mark.slow
+def test_fsdp2_on_two_processes_shards_the_layers_and_trains_the_same_adapter_as_one(tmp_path, qa_task):
+    """The shipped FSDP2 config with two CPU ranks (gloo), unquantized: every decoder layer's parameters are DTensors
+    split across the ranks (not silently replicated), and the adapter matches one process with the same global
+    batch."""
+    single, double = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    run_sft(load_task(qa_task, ["quantization=none", f"output_dir={single}"]))
+
+    script = Path(__file__).parent / "scripts" / "fsdp_sft.py"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml")]
+    command += ["--num_processes", "2", "--main_process_port", "0", str(script), str(tmp_path / "layers")]
+    command += ["sft", qa_task, "quantization=none", "train.batch_size=2", f"output_dir={double}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"layers.rank{rank}.json").read_text())
+        assert report["world_size"] == 2
+        parameters = report["parameters"]
+        assert parameters and all(p["dtensor"] for p in parameters.values())
+        assert sum(p["local"] for p in parameters.values()) * 2 <= sum(p["full"] for p in parameters.values()) + 64
+    assert logged_steps(double) == logged_steps(single)
+    single_weights = load_file(single / "adapter_model.safetensors")
+    double_weights = load_file(double / "adapter_model.safetensors")
+    assert double_weights.keys() == single_weights.keys()
+    for name, expected in single_weights.items():
+        difference = (double_weights[name] - expected).abs().max().item()
+        assert difference <= 1e-4 * expected.abs().max().item(), name
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_tensor_parallel_forward_and_generation_on_two_processes_match_one(tmp_path, tied):
     """transformers' tensor parallelism with LM-Diff's own plan (q2/k2 sharded by heads like q/k, the embedding and

@@ -28,6 +28,7 @@ from lmdiff_ft.adapters.presets import attach_adapters
 from lmdiff_ft.base.loading import load_base
 from lmdiff_ft.integrations.accelerate import (
     default_config_file,
+    evaluation_before_sharding,
     fsdp_enabled,
     fsdp_version,
     parameters_sharded,
@@ -238,6 +239,27 @@ def test_accelerate_evaluation_marks_the_model_prepared_and_unpreparing_undoes_i
     trainer = SimpleNamespace(model=model, accelerator=accelerator, is_fsdp_enabled=False, is_deepspeed_enabled=False)
     unprepare_after_evaluation(trainer)
     assert not hasattr(model, "_is_accelerate_prepared") and not any(m is model for m in accelerator._models)
+
+
+def test_accelerate_turns_fsdp_on_for_gpu_like_devices_only_and_fsdp2_prepares_model_and_optimizer_together():
+    """Checked against accelerate 1.15.0, what `fsdp_on_cpu_too` and `evaluation_before_sharding` work around: the FSDP
+    state is set only inside the branch for GPU-like distributed types (so CPU processes silently run DDP), and FSDP2
+    refuses to prepare a model without its optimizer (which `evaluate()` before `train()` asks for). The two-process
+    run in test_distributed.py checks that the workarounds shard and train."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    source = inspect.getsource(AcceleratorState.__init__)
+    gpu_branch = source[source.index("elif self.distributed_type in [") : source.index("DistributedType.FSDP\n")]
+    assert "DistributedType.MULTI_GPU" in gpu_branch and "MULTI_CPU" not in gpu_branch
+    assert "a model and optimizer must be passed together" in inspect.getsource(Accelerator.prepare)
+
+
+def test_evaluation_before_sharding_hides_fsdp_from_evaluate_only():
+    trainer = SimpleNamespace(is_fsdp_enabled=True)
+    with evaluation_before_sharding(trainer):
+        assert trainer.is_fsdp_enabled is False
+    assert trainer.is_fsdp_enabled is True
 
 
 def test_accelerate_default_config_is_where_launch_looks():

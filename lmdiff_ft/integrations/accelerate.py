@@ -1,11 +1,15 @@
-"""accelerate: what `accelerate launch` tells a process through its environment, and evaluating before training
-without losing the DDP wrapper.
+"""accelerate: what `accelerate launch` tells a process through its environment, FSDP2 on CPU processes, and
+evaluating before training without losing the DDP wrapper or FSDP2's sharding.
 
 Checked against accelerate 1.15.0 (and transformers 5.24.0's Trainer, which calls it).
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 def fsdp_enabled() -> bool:
@@ -34,16 +38,60 @@ def default_config_file() -> Path:
     return Path(path)
 
 
-def unprepare_after_evaluation(trainer) -> None:
-    """Let `train()` wrap the model for DDP although `evaluate()` ran before it.
+def fsdp_on_cpu_too(trainer) -> None:
+    """Shard with FSDP2 where the launcher asked for it, also across CPU processes.
 
-    The first `evaluate()` prepares the model for evaluation only (no DDP wrapper) and accelerate marks it as
-    prepared, so `train()` then skips the wrapper: every rank would train its own copy on its shard of the data
-    and nothing would average the gradients. Undoing the mark (and the autocast wrapper evaluation added) leaves
-    the model as if never prepared. FSDP and DeepSpeed prepare fully in `evaluate()`, so they are left alone.
+    accelerate turns `ACCELERATE_USE_FSDP` into FSDP only for GPU-like devices; with CPU processes its state stays
+    `MULTI_CPU` and the run silently becomes DDP, every rank holding the whole model. PyTorch's FSDP2 shards on CPU
+    too (gloo), so the trainer's accelerator gets the FSDP state and the launcher's plugin, as it would on GPUs.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if not fsdp_enabled() or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator.get_state_dict = _full_state_dict  # checkpoints, and the adapter at the end
+
+
+def _full_state_dict(model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+    """Every rank gathers each sharded tensor whole. accelerate's FSDP2 path (torch's `get_model_state_dict` with
+    `cpu_offload`) returns, on CPU processes, tensors whose storage FSDP has already freed (torch 2.13)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+@contextmanager
+def evaluation_before_sharding(trainer) -> Iterator[None]:
+    """`evaluate()` before `train()` with FSDP2: accelerate shards model and optimizer in one `prepare` and refuses the
+    model alone, which is what evaluation asks for. Before training every rank still holds the whole model, so
+    evaluation runs it unsharded, prepared for evaluation only as without FSDP; `unprepare_after_evaluation` then
+    leaves the sharding to `train()`."""
+    sharded = trainer.is_fsdp_enabled
+    trainer.is_fsdp_enabled = False
+    try:
+        yield
+    finally:
+        trainer.is_fsdp_enabled = sharded
+
+
+def unprepare_after_evaluation(trainer) -> None:
+    """Let `train()` wrap the model for DDP, or shard it with FSDP2, although `evaluate()` ran before it.
+
+    The first `evaluate()` prepares the model for evaluation only (no DDP wrapper, no sharding: see
+    `evaluation_before_sharding`) and accelerate marks it as prepared, so `train()` then skips the wrapper: every
+    rank would train its own copy on its shard of the data and nothing would average the gradients. Undoing the
+    mark (and the autocast wrapper evaluation added) leaves the model as if never prepared. DeepSpeed prepares
+    fully in `evaluate()`, so it is left alone.
     """
     model, accelerator = trainer.model, trainer.accelerator
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or not getattr(model, "_is_accelerate_prepared", False):
+    if trainer.is_deepspeed_enabled or not getattr(model, "_is_accelerate_prepared", False):
         return
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores model.forward in place
     del model._is_accelerate_prepared

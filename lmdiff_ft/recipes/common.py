@@ -24,7 +24,13 @@ from ..adapters.presets import attach_adapters
 from ..base.loading import LoadedBase, default_device, load_base
 from ..errors import UserError
 from ..evaluation.report import model_card, plot_loss_curve, print_metrics_table, write_json
-from ..integrations.accelerate import fsdp_enabled, fsdp_version, unprepare_after_evaluation
+from ..integrations.accelerate import (
+    evaluation_before_sharding,
+    fsdp_enabled,
+    fsdp_on_cpu_too,
+    fsdp_version,
+    unprepare_after_evaluation,
+)
 from ..integrations.bitsandbytes import keep_4bit_layout_trainable
 from ..integrations.transformers import tensorboard_logs_in
 from ..integrations.trl import score_labelled_positions_only, trainable_parameters_frozen
@@ -204,12 +210,15 @@ def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
         yield
 
 
-def metrics_before(out: Path, checkpoint: str | None, compute) -> dict:
-    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back."""
+def metrics_before(trainer, out: Path, checkpoint: str | None, compute) -> dict:
+    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. Under FSDP2 (on GPUs,
+    and on CPU processes too) the evaluation runs before the model is sharded."""
+    fsdp_on_cpu_too(trainer)
     before_file = out / BEFORE_FILE
     if checkpoint and before_file.is_file():
         return json.loads(before_file.read_text())
-    before = compute()
+    with evaluation_before_sharding(trainer):
+        before = compute()
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json(before_file, before)

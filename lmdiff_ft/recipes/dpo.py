@@ -85,7 +85,7 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         with trainer.accelerator.autocast():
             return evaluate_dpo(trainer.model, tokenizer, eval_pairs, task, sft_task)
 
-    before = metrics_before(out, checkpoint, lambda: evaluate()[0])
+    before = metrics_before(trainer, out, checkpoint, lambda: evaluate()[0])
     summary = {
         "data": f"{len(train_pairs)} preference pairs from {source_name(task, 'train')}, {len(eval_pairs)} held out",
         "DPO": f"beta {task.preference.beta}, loss {' + '.join(task.preference.loss_type)}, reference: "

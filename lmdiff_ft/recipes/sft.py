@@ -84,7 +84,7 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     def evaluate():
         return evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
 
-    before = metrics_before(out, checkpoint, lambda: evaluate()[0])
+    before = metrics_before(trainer, out, checkpoint, lambda: evaluate()[0])
     summary = {"data": f"{len(train_rows)} train rows from {source_name(task, 'train')}, {len(eval_rows)} eval rows"}
     return train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)
 
