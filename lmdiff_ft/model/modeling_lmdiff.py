@@ -46,6 +46,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ..integrations.bitsandbytes import dense_weight
 from ..integrations.transformers import DynamicLayerWithStates
 from .configuration_lmdiff import LmDiffConfig
+from .remote_code import AUTO_MAP, write_remote_code
 
 RunningMean = tuple[torch.Tensor, torch.Tensor]  # (sum [B, D], count [B, 1]) in fp32
 
@@ -542,6 +543,14 @@ class LmDiffPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own `LmDiffCache` on the first forward with use_cache
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+        """transformers' `save_pretrained`, plus this model's code and an `auto_map`: the checkpoint also loads with
+        `trust_remote_code=True` where lmdiff_ft is not installed (see `remote_code.py`)."""
+        self.config.auto_map = AUTO_MAP
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_remote_code(save_directory)
 
 
 class LmDiffModel(LmDiffPreTrainedModel):
