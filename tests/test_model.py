@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TINY, randomize_lmdiff_parameters, tiny_llama, tiny_lmdiff_config
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lmdiff_ft.model import LmDiffCache, LmDiffForCausalLM, modeling_lmdiff
 from lmdiff_ft.model.convert import convert_llama_model, is_lmdiff_only
@@ -356,3 +356,33 @@ def test_attention_maps_keep_their_gradient(random_lmdiff):
     out.attentions[0].retain_grad()
     out.logits.sum().backward()
     assert out.attentions[0].grad is not None and out.attentions[0].grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_a_causal_lm_checkpoint_loads_as_a_sequence_classifier_scoring_the_last_real_token(random_lmdiff, tmp_path):
+    """As Llama's: reward models and classifiers start from the LM's backbone and score its last non-padding token."""
+    random_lmdiff.save_pretrained(tmp_path)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    assert type(classifier).__name__ == "LmDiffForSequenceClassification"
+    tokens, mask = padded_batch()
+    tokens[0, -2:], mask[0, -2:] = TINY["pad_token_id"], 0  # right padding too: the score is at the last real token
+    logits = classifier(tokens, attention_mask=mask).logits
+    hidden = random_lmdiff.model(tokens, attention_mask=mask).last_hidden_state
+    last = torch.tensor([tokens.shape[1] - 3, tokens.shape[1] - 1, tokens.shape[1] - 1])
+    torch.testing.assert_close(logits, classifier.score(hidden[torch.arange(3), last]))
+
+
+@torch.no_grad()
+def test_the_cache_stacks_both_branches_on_the_head_axis(random_lmdiff):
+    """README "Cache": keys [B, 2·kv_heads, T, d] = [k1; k2], values [v; v], so that whatever reorders, selects or
+    offloads keys and values moves both branches together."""
+    tokens, mask = padded_batch()
+    cache = random_lmdiff(tokens, attention_mask=mask, use_cache=True).cache
+    kv_heads, head_dim = TINY["num_key_value_heads"], TINY["hidden_size"] // TINY["num_attention_heads"]
+    layer = cache.layers[0]
+    assert layer.keys.shape == layer.values.shape == (3, 2 * kv_heads, tokens.shape[1], head_dim)
+    first, second = layer.values.chunk(2, dim=1)
+    assert torch.equal(first, second)
+    attn = random_lmdiff.model.layers[0].self_attn
+    assert not torch.equal(*layer.keys.chunk(2, dim=1))  # k1 and k2 differ (random q2/k2 weights)
+    assert attn.k2_proj.weight.shape[0] == kv_heads * head_dim

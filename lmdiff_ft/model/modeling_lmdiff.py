@@ -28,7 +28,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
@@ -524,6 +529,9 @@ class LmDiffPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LmDiffDecoderLayer"]
     _keep_in_fp32_modules = ["diff_lambda"]
     _supports_sdpa = True
+    # Attention functions registered with transformers' `AttentionInterface` run too; they get SDPA's mask convention
+    # (boolean [B, 1, q, k], True = attend, or None for a plain causal mask).
+    _supports_attention_backend = True
     _is_stateful = True  # the running sums cannot be rewound, so no assisted decoding
     _can_record_outputs = {"hidden_states": LmDiffDecoderLayer, "attentions": LmDiffAttention}
 
@@ -673,9 +681,24 @@ class LmDiffForCausalLM(LmDiffPreTrainedModel, GenerationMixin):
         )
 
 
+class LmDiffForSequenceClassification(GenericForSequenceClassification, LmDiffPreTrainedModel):
+    """A score per sequence from the last non-padding token (reward models, classifiers), as Llama's."""
+
+
+class LmDiffForQuestionAnswering(GenericForQuestionAnswering, LmDiffPreTrainedModel):
+    base_model_prefix = "transformer"  # the name transformers' generic head gives its backbone
+
+
+class LmDiffForTokenClassification(GenericForTokenClassification, LmDiffPreTrainedModel):
+    """A label per token."""
+
+
 __all__ = [
     "LmDiffCache",
     "LmDiffForCausalLM",
+    "LmDiffForQuestionAnswering",
+    "LmDiffForSequenceClassification",
+    "LmDiffForTokenClassification",
     "LmDiffModel",
     "LmDiffPreTrainedModel",
     "build_attention_mask",

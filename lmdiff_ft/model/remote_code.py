@@ -30,6 +30,9 @@ AUTO_MAP = {
     "AutoConfig": "configuration_lmdiff.LmDiffConfig",
     "AutoModel": "modeling_lmdiff.LmDiffModel",
     "AutoModelForCausalLM": "modeling_lmdiff.LmDiffForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_lmdiff.LmDiffForSequenceClassification",
+    "AutoModelForQuestionAnswering": "modeling_lmdiff.LmDiffForQuestionAnswering",
+    "AutoModelForTokenClassification": "modeling_lmdiff.LmDiffForTokenClassification",
 }
 
 
