@@ -124,9 +124,10 @@ def test_fsdp2_on_two_processes_shards_the_layers_and_trains_the_same_adapter_as
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
-def test_tensor_parallel_forward_and_generation_on_two_processes_match_one(tmp_path, tied):
+def test_tensor_parallel_forward_generation_and_gradients_on_two_processes_match_one(tmp_path, tied):
     """transformers' tensor parallelism with LM-Diff's own plan (q2/k2 sharded by heads like q/k, the embedding and
-    lm_head by vocabulary, tied or not): two CPU ranks under torchrun give one process's logits and tokens."""
+    lm_head by vocabulary, tied or not): two CPU ranks under torchrun give one process's logits, tokens and
+    gradients, including those of λ and subln, which each rank sees only through its own heads."""
     torch.manual_seed(0)
     model = LmDiffForCausalLM(tiny_lmdiff_config(tie_word_embeddings=tied)).eval()
     randomize_lmdiff_parameters(model)
@@ -139,6 +140,7 @@ def test_tensor_parallel_forward_and_generation_on_two_processes_match_one(tmp_p
     with torch.no_grad():
         logits = model(**batch).logits
         generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.train()(**batch, labels=batch["input_ids"]).loss.backward()
 
     script = Path(__file__).parent / "scripts" / "tensor_parallel_forward.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
@@ -150,6 +152,14 @@ def test_tensor_parallel_forward_and_generation_on_two_processes_match_one(tmp_p
     parallel = torch.load(tmp_path / "tp.pt")
     assert (parallel["logits"] - logits)[mask.bool()].abs().max().item() <= 1e-5
     assert torch.equal(parallel["generated"], generated)
+    gradients = parallel["gradients"]
+    layer = "model.layers.1.self_attn."
+    for name in ("diff_lambda.lambda_q1", "diff_lambda.lambda_k2", "subln.weight", "o_proj.weight", "q2_proj.weight"):
+        full = model.get_parameter(layer + name).grad
+        local = gradients[layer + name]
+        expected = full[: local.shape[0]] if local.shape[0] < full.shape[0] else full  # rank 0: the first half of rows
+        expected = expected[:, : local.shape[1]] if local.dim() == 2 and local.shape[1] < full.shape[1] else expected
+        torch.testing.assert_close(local, expected, atol=1e-6, rtol=1e-4, msg=name)
     shapes = json.loads((tmp_path / "tp.shapes.json").read_text())
     halved = [name for name, s in shapes.items() if s["local"][0] * 2 in (s["full"][0], s["full"][0] + 1)]
     layer = "model.layers.1.self_attn."

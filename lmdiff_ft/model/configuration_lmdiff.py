@@ -20,11 +20,14 @@ class LmDiffConfig(LlamaConfig):
     model_type = "lmdiff"
     # Llama's tensor-parallel plan plus the second branch's projections, sharded by heads like the first. The rest of
     # LM-Diff stays replicated: fc_gamma, the conv and the SE gate act on the full hidden state (after o_proj's
-    # all-reduce), λ is a scalar per layer, and subln normalises each head alone.
+    # all-reduce). λ and subln are replicated too but act on each head alone, so each rank's gradient of them
+    # covers only its own heads and the ranks sum them.
     base_model_tp_plan = {
         **LlamaConfig.base_model_tp_plan,
         "layers.*.self_attn.q2_proj": "colwise",
         "layers.*.self_attn.k2_proj": "colwise",
+        "layers.*.self_attn.diff_lambda": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.subln": "replicated_with_grad_allreduce",
     }
 
     use_diff_attn: bool = True

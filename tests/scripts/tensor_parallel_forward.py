@@ -1,7 +1,7 @@
 """Run by `torchrun --nproc_per_node 2` (tests/test_distributed.py): every rank loads the checkpoint with
-transformers' tensor parallelism (the model's own plan, gloo on CPU), runs one forward pass on a padded batch and a
-short greedy generation. Rank 0 writes the logits, the generated ids and, for every parameter, its local shape next
-to its full one."""
+transformers' tensor parallelism (the model's own plan, gloo on CPU), runs one forward pass on a padded batch, a
+short greedy generation and a backward pass of the LM loss. Rank 0 writes the logits, the generated ids, its
+gradients (its own shard of a sharded parameter) and, for every parameter, its local shape next to its full one."""
 
 import json
 import sys
@@ -21,12 +21,18 @@ def main(checkpoint: str, inputs: str, out: str) -> None:
     with torch.no_grad():
         logits = model.eval()(**batch).logits
         generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.train()(**batch, labels=batch["input_ids"]).loss.backward()
+    gradients = {
+        name: (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).clone()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
     shapes = {
         name: {"local": list(p.to_local().shape if isinstance(p, DTensor) else p.shape), "full": list(p.shape)}
         for name, p in model.named_parameters()
     }
     if dist.get_rank() == 0:
-        torch.save({"logits": logits, "generated": generated}, out + ".pt")
+        torch.save({"logits": logits, "generated": generated, "gradients": gradients}, out + ".pt")
         with open(out + ".shapes.json", "w") as f:
             json.dump(shapes, f)
     dist.barrier()
