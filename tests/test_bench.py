@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench` lives at the repository root
-from bench import decode, dpo_memory, sft_step, sft_throughput, train_step  # noqa: E402
+from bench import decode, dpo_memory, sft_step, sft_throughput, train_step, transformers_model_tests  # noqa: E402
 from bench.common import (  # noqa: E402
     DIFFLLAMA_LAMBDAS,
     GEMM_MAX_TOKENS,
@@ -162,3 +162,25 @@ def test_sft_step_profiles_one_optimizer_step_today_and_as_before(tmp_path, tiny
         assert result["tokens"] > result["trained_tokens"] > 0
     # the baseline's patches are undone
     assert LmDiffAdaptiveRMSNorm._gamma_is_frozen_zero.__name__ == "_gamma_is_frozen_zero"
+
+
+def test_transformers_model_tests_refuse_a_folder_that_is_no_repository_tree(tmp_path):
+    """The harness needs a transformers repository tree (not in CI: its test files are not shipped with the wheel);
+    anything else stops it before any test runs, naming what is missing."""
+    (tmp_path / "tests").mkdir()
+    missing = "is not a transformers repository tree: missing pyproject.toml, tests/__init__.py"
+    with pytest.raises(SystemExit, match=missing):
+        transformers_model_tests.main(["--transformers-tree", str(tmp_path)])
+
+
+def test_transformers_model_tests_sort_each_difference_from_the_control():
+    outcome = {s: {"outcome": s, "message": f"{s} because"} for s in ("passed", "failed", "skipped", "error")}
+    ours = {"a": outcome["failed"], "b": outcome["skipped"], "c": outcome["error"], "d": outcome["passed"]}
+    control = {"a": outcome["passed"], "b": outcome["passed"], "c": outcome["failed"], "d": outcome["skipped"]}
+    diffs = transformers_model_tests.compare(ours | {"e": outcome["passed"]}, control)
+    assert [row["test"] for row in diffs["lmdiff_fails_llama_passes"]] == ["a"]
+    skipped = {"test": "b", "lmdiff": "skipped", "llama": "passed", "reason": "skipped because"}
+    assert diffs["lmdiff_skips_llama_runs"] == [skipped]
+    assert [row["test"] for row in diffs["both_fail"]] == ["c"]
+    assert [row["test"] for row in diffs["lmdiff_runs_llama_skips"]] == ["d"]
+    assert diffs["only_one_model_ran"] == [{"test": "e", "lmdiff": outcome["passed"], "llama": None}]
