@@ -35,7 +35,7 @@ It prints pass/fail/skip/error counts per model, the tests that fail for LM-Diff
 LM-Diff skips but Llama runs (with the skip reasons) and the tests that fail for both, and writes everything
 (per-test outcomes, skip reasons, the first line of each failure, versions, the command) to
 `bench/results/transformers_model_tests.json`. Needs `pytest`, `pytest-timeout`, and what the tree's test code
-imports: `parameterized`, and `pytest-xdist` for its root `conftest.py`.
+imports: `parameterized`, and `pytest-xdist` for its root `conftest.py` (`pip install -e ".[transformers-tests]"`).
 
     python -m bench.transformers_model_tests --transformers-tree /path/to/transformers [--keep-going] [-k EXPR]
 
