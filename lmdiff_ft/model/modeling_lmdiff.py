@@ -319,15 +319,45 @@ def differential_eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights
 
 
+def sdpa_attention_forward(
+    module: "LmDiffAttention",
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """One SDPA call with grouped-query heads left to the kernel, also with a padding mask (transformers' own SDPA
+    function copies keys and values out to every query head when there is a mask: ~10% of a training step and
+    0.25 GiB of activations on the real base). [B, T, heads, d] out, no maps."""
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        is_causal=attention_mask is None and query.shape[2] > 1,
+        scale=scaling,
+        enable_gqa=module.num_key_value_groups > 1,
+    )
+    return output.transpose(1, 2), None
+
+
+# LM-Diff's own eager and SDPA; any other name goes to the functions registered with transformers' AttentionInterface
+ATTENTION_FUNCTIONS = {"eager": differential_eager_attention_forward, "sdpa": sdpa_attention_forward}
+
+
 class LmDiffAttention(nn.Module):
     """Differential attention: A1·v − λ·A2·v, both softmax maps in one attention call by stacking the heads of
     the two branches (queries [q1; q2], keys [k1; k2], values [v; v], so also in the cache), with GQA as in
     Llama. RoPE is one pass over all query and key heads, in the projections' own [B, T, heads, d] layout.
 
-    The call goes through transformers' attention functions (`config._attn_implementation`): SDPA by default
-    (no T×T tensor outside the kernel; on GPUs PyTorch picks its flash kernel), or eager, which also returns the
-    maps: the differential map A1 − λ·A2 per head is what `output_attentions=True` gives
-    (`differential_eager_attention_forward`)."""
+    The implementation is chosen as in any transformers model (`config._attn_implementation`): SDPA by default (no
+    T×T tensor outside the kernel; on GPUs PyTorch picks its flash kernel), eager, which also returns the maps (the
+    differential map A1 − λ·A2 per head is what `output_attentions=True` gives), or a function registered with
+    transformers' `AttentionInterface`."""
 
     def __init__(self, config: LmDiffConfig, layer_idx: int):
         super().__init__()
@@ -388,10 +418,11 @@ class LmDiffAttention(nn.Module):
         if packed is not None:  # each sequence alone, whatever the implementation (no maps)
             output = packed.attend(
                 query, key, value, dropout_p=dropout, scale=self.scaling, enable_gqa=self.num_key_value_groups > 1
-            )
+            )  # [B, T, heads, d]
         else:
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, differential_eager_attention_forward
+            implementation = self.config._attn_implementation
+            attention = ATTENTION_FUNCTIONS.get(implementation) or ALL_ATTENTION_FUNCTIONS.get_interface(
+                implementation, differential_eager_attention_forward
             )
             output, weights = attention(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
