@@ -47,6 +47,29 @@ def qa_task(tmp_path, tiny_base_path):
     return write_task(tmp_path, tiny_base_path, TWO_PROCESS_BODY)
 
 
+def launch_two_processes(config: str, program: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a shipped config and two CPU processes; fails the test with its stderr if it fails."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    command += ["--num_processes", "2", "--main_process_port", "0", *program]  # port 0: tests may run side by side
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # no wrapped lines
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def assert_same_adapter(single: Path, double: Path) -> dict[str, torch.Tensor]:
+    """Two processes trained one process's adapter: the same tokens per step (the ranks split each global batch)
+    and the same weights (to 1e-4 relative). Returns the two-process weights."""
+    assert logged_steps(double) == logged_steps(single)
+    single_weights = load_file(single / "adapter_model.safetensors")
+    double_weights = load_file(double / "adapter_model.safetensors")
+    assert double_weights.keys() == single_weights.keys()
+    for name, expected in single_weights.items():
+        difference = (double_weights[name] - expected).abs().max().item()
+        assert difference <= 1e-4 * expected.abs().max().item(), name
+    return double_weights
+
+
 def logged_steps(run_dir: Path) -> list[tuple[int, float]]:
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     return [(e["step"], e["num_tokens"]) for e in history if "loss" in e]
@@ -60,24 +83,13 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
     single, double = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     run_sft(load_task(qa_task, [*packed, f"output_dir={single}"]))  # 1 process x batch 4
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml")]
-    command += ["--num_processes", "2", "--main_process_port", "0"]  # 0: a free port, tests may run side by side
-    command += ["-m", "lmdiff_ft", "sft", qa_task, *packed, "train.batch_size=2", f"output_dir={double}"]  # 2 x 2
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # no wrapped lines
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    program = ["-m", "lmdiff_ft", "sft", qa_task, *packed, "train.batch_size=2", f"output_dir={double}"]  # 2 x 2
+    done = launch_two_processes("ddp.yaml", program)
 
-    # the ranks split each global batch (same tokens per step as one process), not each a whole batch
-    assert logged_steps(double) == logged_steps(single)
-    single_weights = load_file(single / "adapter_model.safetensors")
-    double_weights = load_file(double / "adapter_model.safetensors")
-    assert double_weights.keys() == single_weights.keys()
-    for name, expected in single_weights.items():
-        # DDP averages per-rank gradients of (rank's token-loss sum) / (global token count) x world size: the same
-        # gradient as one process, summed in another order (measured: 1.5e-6 relative at most). Ranks that are not
-        # synchronised drift apart from the first step (measured: 1.8 relative, see unprepare_after_evaluation).
-        difference = (double_weights[name] - expected).abs().max().item()
-        assert difference <= 1e-4 * expected.abs().max().item(), name
+    # DDP averages per-rank gradients of (rank's token-loss sum) / (global token count) x world size: the same
+    # gradient as one process, summed in another order (measured: 1.5e-6 relative at most). Ranks that are not
+    # synchronised drift apart from the first step (measured: 1.8 relative, see unprepare_after_evaluation).
+    double_weights = assert_same_adapter(single, double)
     checkpoint = load_file(double / "checkpoint-4" / "adapter_model.safetensors")  # the trainer's own save
     assert all(torch.equal(checkpoint[name], weight) for name, weight in double_weights.items())
 
@@ -100,12 +112,8 @@ def test_fsdp2_on_two_processes_shards_the_layers_and_trains_the_same_adapter_as
     run_sft(load_task(qa_task, ["quantization=none", f"output_dir={single}"]))
 
     script = Path(__file__).parent / "scripts" / "fsdp_sft.py"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml")]
-    command += ["--num_processes", "2", "--main_process_port", "0", str(script), str(tmp_path / "layers")]
-    command += ["sft", qa_task, "quantization=none", "train.batch_size=2", f"output_dir={double}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    program = [str(script), str(tmp_path / "layers"), "sft", qa_task, "quantization=none", "train.batch_size=2"]
+    launch_two_processes("fsdp.yaml", [*program, f"output_dir={double}"])
 
     for rank in (0, 1):
         report = json.loads((tmp_path / f"layers.rank{rank}.json").read_text())
@@ -113,13 +121,7 @@ def test_fsdp2_on_two_processes_shards_the_layers_and_trains_the_same_adapter_as
         parameters = report["parameters"]
         assert parameters and all(p["dtensor"] for p in parameters.values())
         assert sum(p["local"] for p in parameters.values()) * 2 <= sum(p["full"] for p in parameters.values()) + 64
-    assert logged_steps(double) == logged_steps(single)
-    single_weights = load_file(single / "adapter_model.safetensors")
-    double_weights = load_file(double / "adapter_model.safetensors")
-    assert double_weights.keys() == single_weights.keys()
-    for name, expected in single_weights.items():
-        difference = (double_weights[name] - expected).abs().max().item()
-        assert difference <= 1e-4 * expected.abs().max().item(), name
+    assert_same_adapter(single, double)
 
 
 @pytest.mark.slow

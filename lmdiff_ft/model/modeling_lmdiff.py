@@ -329,9 +329,9 @@ def sdpa_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """One SDPA call with grouped-query heads left to the kernel, also with a padding mask (transformers' own SDPA
-    function copies keys and values out to every query head when there is a mask: ~10% of a training step and
-    0.25 GiB of activations on the real base). [B, T, heads, d] out, no maps."""
+    """One SDPA call with grouped-query heads left to the kernel, also with a padding mask. transformers' own SDPA
+    function copies keys and values out to every query head when there is a mask, and keeps the copies for the
+    backward pass: the main job's peak RSS was 3.39 GB with it, 3.22 GB with this. [B, T, heads, d] out, no maps."""
     output = F.scaled_dot_product_attention(
         query,
         key,

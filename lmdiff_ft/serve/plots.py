@@ -35,21 +35,21 @@ def se_gate_figure(base: Inspection, adapter: Inspection, adapter_label: str) ->
 
 
 def attention_figure(base: Inspection, adapter: Inspection, adapter_label: str) -> Figure:
-    """The differential map A1 − λ·A2 (query × key) of the base, of the adapter, and their difference: where the
-    adapter moved attention. The maps can be negative, so all three share one diverging scale centred on 0."""
-    panels = {
-        "base": base.diff_map,
-        adapter_label: adapter.diff_map,
-        f"{adapter_label} − base": adapter.diff_map - base.diff_map,
-    }
-    bound = max(max(float(values.abs().max()) for values in panels.values()), 1e-6)
+    """The differential map A1 − λ·A2 (query × key) of the base and of the adapter on one diverging scale centred on 0
+    (the maps can be negative), and their difference on a scale of its own: where the adapter moved attention,
+    which is small next to the maps themselves."""
+    maps = {"base": base.diff_map, adapter_label: adapter.diff_map}
+    shared = max(max(float(values.abs().max()) for values in maps.values()), 1e-6)
+    difference = adapter.diff_map - base.diff_map
+    panels = [(title, values, shared) for title, values in maps.items()]
+    panels.append((f"{adapter_label} − base", difference, max(float(difference.abs().max()), 1e-6)))
     size = 2.2 + 0.12 * min(len(base.tokens), MAX_TICK_TOKENS)
-    figure = Figure(figsize=(3 * size + 1.5, size), layout="constrained")
-    for axes, (title, values) in zip(figure.subplots(1, 3), panels.items(), strict=True):
+    figure = Figure(figsize=(3 * size + 2.5, size), layout="constrained")
+    for axes, (title, values, bound) in zip(figure.subplots(1, 3), panels, strict=True):
         image = axes.imshow(values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
         axes.set_title(title, fontsize="small")
         label_tokens(axes, base.tokens)
-    figure.colorbar(image, ax=figure.axes, shrink=0.8)
+        figure.colorbar(image, ax=axes, shrink=0.8)
     figure.suptitle(f"A1 − λ·A2, layer {base.layer}, head {base.head}")
     return figure
 
