@@ -5,7 +5,7 @@ from .integrations.bitsandbytes import quiet_hub_kernel_notice
 
 quiet_hub_kernel_notice()  # before anything imports bitsandbytes
 
-from .model import LmDiffCache, LmDiffConfig, LmDiffForCausalLM, LmDiffModel  # noqa: E402
+from .model import LmDiffConfig, LmDiffForCausalLM, LmDiffModel  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LmDiffCache", "LmDiffConfig", "LmDiffForCausalLM", "LmDiffModel", "__version__"]
+__all__ = ["LmDiffConfig", "LmDiffForCausalLM", "LmDiffModel", "__version__"]

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from conftest import tiny_lmdiff_config
 from datasets import Dataset
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.integrations.integration_utils import TensorBoardCallback
 from trl import DPOTrainer, SFTConfig, SFTTrainer
 from trl.kernels import chunked_logprob
@@ -49,7 +49,13 @@ from lmdiff_ft.integrations.glibc import (
     pin_malloc_mmap_threshold,
     trim_malloc_heap,
 )
-from lmdiff_ft.integrations.transformers import DynamicLayerWithStates, causal_lm_from_state_dict, tensorboard_logs_in
+from lmdiff_ft.integrations.transformers import (
+    DynamicLayerWithStates,
+    StaticLayerWithStates,
+    causal_lm_from_state_dict,
+    tensorboard_logs_in,
+    with_layers_of,
+)
 from lmdiff_ft.integrations.trl import (
     REFERENCE_ADAPTER,
     reference_model,
@@ -179,6 +185,48 @@ def test_transformers_dynamic_layer_keeps_extra_states_with_the_batch():
     assert layer.running is None and layer.key_buffer is None
     with pytest.raises(NotImplementedError):
         layer.crop(1)
+
+
+class _StaticLayerWithSum(StaticLayerWithStates):
+    extra_states = ("running",)
+
+
+def test_transformers_static_layer_writes_keys_and_extra_states_in_place():
+    """Checked against transformers 5.24.0: `StaticLayer` preallocates `max_cache_len` slots at the first `update`,
+    writes later tokens in place, counts them in a 0-d tensor, and `reset` zeroes; the extra states follow."""
+    layer = _StaticLayerWithSum(max_cache_len=8)
+    keys = torch.randn(2, 1, 4, 3)
+    layer.update(keys[..., :3, :], keys[..., :3, :])
+    layer.write_state("running", (torch.ones(2, 3), torch.full((2, 1), 3.0)))
+    storage = [layer.keys.data_ptr(), *(t.data_ptr() for t in layer.running)]
+    got, _ = layer.update(keys[..., 3:, :], keys[..., 3:, :])
+    layer.write_state("running", (torch.full((2, 3), 2.0), torch.full((2, 1), 4.0)))
+    assert got.shape == (2, 1, 8, 3) and torch.equal(got[..., :4, :], keys) and not got[..., 4:, :].any()
+    assert [layer.keys.data_ptr(), *(t.data_ptr() for t in layer.running)] == storage
+    assert isinstance(layer.get_seq_length(), torch.Tensor) and int(layer.get_seq_length()) == 4
+    assert layer.running[1].flatten().tolist() == [4.0, 4.0]
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.keys[0, ..., :4, :], keys[1])
+    layer.reset()
+    assert int(layer.get_seq_length()) == 0 and not any(t.any() for t in (layer.keys, *layer.running))
+    with pytest.raises(NotImplementedError):
+        layer.crop(-1)
+
+
+def test_transformers_caches_made_from_a_config_take_the_models_layers():
+    """Checked against transformers 5.24.0: `DynamicCache(config=...)` and `StaticCache(config=..., max_cache_len=...)`
+    (what `generate` makes) hold plain `DynamicLayer`s / `StaticLayer`s, which `with_layers_of` replaces."""
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, vocab_size=11)
+    dynamic = with_layers_of(DynamicCache(config=config), 3, _LayerWithSum, _StaticLayerWithSum)
+    static = with_layers_of(StaticCache(config=config, max_cache_len=5), 3, _LayerWithSum, _StaticLayerWithSum)
+    assert [type(layer) for layer in dynamic.layers] == [_LayerWithSum] * 3
+    assert [type(layer) for layer in static.layers] == [_StaticLayerWithSum] * 3
+    assert static.get_max_length() == 5 and with_layers_of(static, 3, _LayerWithSum, _StaticLayerWithSum) is static
+    assert len(with_layers_of(DynamicCache(), 3, _LayerWithSum, _StaticLayerWithSum).layers) == 3
+    filled = DynamicCache(config=config)
+    filled.update(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), layer_idx=0)
+    with pytest.raises(TypeError, match="empty DynamicCache or StaticCache .*got DynamicCache of DynamicLayer"):
+        with_layers_of(filled, 3, _LayerWithSum, _StaticLayerWithSum)
 
 
 def test_transformers_loads_a_causal_lm_from_lazy_safetensors_slices(tiny_base_path):

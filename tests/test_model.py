@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import TINY, randomize_lmdiff_parameters, tiny_llama, tiny_lmdiff_config
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache, StaticCache
 
-from lmdiff_ft.model import LmDiffCache, LmDiffForCausalLM, modeling_lmdiff
+from lmdiff_ft.model import LmDiffForCausalLM, modeling_lmdiff
 from lmdiff_ft.model.convert import convert_llama_model, is_lmdiff_only
 
 
@@ -100,8 +100,8 @@ def test_causality_with_random_new_parameters(random_lmdiff, padding):
     ).abs().max() > 1e-3
 
 
-def decode_in_chunks(model, tokens, mask, chunk_sizes):
-    cache = LmDiffCache(model.config)
+def decode_in_chunks(model, tokens, mask, chunk_sizes, cache=None):
+    cache = DynamicCache(config=model.config) if cache is None else cache
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, start = [], 0
     for size in chunk_sizes:
@@ -119,14 +119,53 @@ def decode_in_chunks(model, tokens, mask, chunk_sizes):
     return torch.cat(logits, dim=1)
 
 
+def new_cache(kind: str, config) -> DynamicCache | StaticCache:
+    """The caches users and `generate` make from a config (with Llama's layers; the forward swaps in LM-Diff's)."""
+    return DynamicCache(config=config) if kind == "dynamic" else StaticCache(config=config, max_cache_len=20)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("chunks", [[12, 1, 1, 1, 1], [1] * 16, [5, 3, 7, 1], [16]])
 @torch.no_grad()
-def test_cache_matches_full_forward(random_lmdiff, chunks):
+def test_cache_matches_full_forward(random_lmdiff, chunks, kind):
     tokens, mask = padded_batch(length=16)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     full = random_lmdiff(tokens, attention_mask=mask, position_ids=positions).logits
-    cached = decode_in_chunks(random_lmdiff, tokens, mask, chunks)
+    cached = decode_in_chunks(random_lmdiff, tokens, mask, chunks, new_cache(kind, random_lmdiff.config))
     assert (full - cached)[mask.bool()].abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_static_cache_holds_every_state_in_place_and_reset_starts_over(random_lmdiff):
+    """A static cache's tensors keep their storage from step to step (what a compiled decode step relies on), and
+    `reset` (zeroed states) decodes exactly like a new cache."""
+    tokens, mask = padded_batch(length=16)
+    cache = StaticCache(config=random_lmdiff.config, max_cache_len=20)
+    first = decode_in_chunks(random_lmdiff, tokens[:, :12], mask[:, :12], [12], cache)
+    layer = cache.layers[0]
+    assert isinstance(layer, modeling_lmdiff.LmDiffStaticCacheLayer) and layer.keys.shape[2] == 20
+
+    def storage():
+        return [t.data_ptr() for t in (layer.keys, layer.values, layer.conv_state, *layer.context, *layer.squeeze)]
+
+    before = storage()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    random_lmdiff(tokens[:, 12:13], attention_mask=mask[:, :13], position_ids=positions[:, 12:13], cache=cache)
+    assert storage() == before
+    assert int(cache.get_seq_length()) == 13
+
+    cache.reset()
+    assert int(cache.get_seq_length()) == 0 and not any(t.any() for t in (layer.conv_state, *layer.context))
+    again = decode_in_chunks(random_lmdiff, tokens[:, :12], mask[:, :12], [12], cache)
+    assert torch.equal(first, again)
+
+
+@torch.no_grad()
+def test_a_cache_filled_by_another_model_is_refused(random_lmdiff):
+    tokens, mask = padded_batch()
+    llama_cache = tiny_llama()(tokens, attention_mask=mask, use_cache=True).past_key_values
+    with pytest.raises(TypeError, match="needs an empty DynamicCache or StaticCache.*of DynamicLayer"):
+        random_lmdiff(tokens, attention_mask=mask, cache=llama_cache)
 
 
 @torch.no_grad()
@@ -147,6 +186,49 @@ def test_beam_search_reorders_every_state(random_lmdiff):
     with_cache = random_lmdiff.generate(tokens, use_cache=True, **kwargs)
     without = random_lmdiff.generate(tokens, use_cache=False, **kwargs)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_generate_with_a_static_cache_matches_the_dynamic_one(random_lmdiff, num_beams):
+    """`cache_implementation="static"`: greedy and beam search give the same tokens and scores as the default cache.
+    Also notices when `generate` stops asking the model for its mask (`create_masks_for_generate`): it would then
+    hand the forward a 4-D mask with the cache, which LM-Diff refuses."""
+    tokens, mask = padded_batch(length=10)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=num_beams)
+    kwargs.update(return_dict_in_generate=True, output_scores=True)
+    dynamic = random_lmdiff.generate(tokens, **kwargs)
+    static = random_lmdiff.generate(tokens, cache_implementation="static", **kwargs)
+    assert isinstance(dynamic.past_key_values, DynamicCache) and isinstance(static.past_key_values, StaticCache)
+    assert isinstance(static.past_key_values.layers[0], modeling_lmdiff.LmDiffStaticCacheLayer)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.scores, static.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@torch.no_grad()
+def test_a_custom_4d_mask_keeps_branches_apart(implementation):
+    """A shared prefix and three branches in one row (a 4-D mask, position_ids repeating): every branch's logits are
+    those of its sequence alone, so the means and the conv follow the mask too. Boolean and additive masks."""
+    torch.manual_seed(0)
+    model = LmDiffForCausalLM(tiny_lmdiff_config(attn_implementation=implementation)).eval()
+    randomize_lmdiff_parameters(model)
+    sequences = torch.tensor([[10, 11, 12, 13, 20], [10, 11, 12, 14, 21], [10, 11, 12, 15, 22]])
+    alone = model(sequences).logits[:, 3:]  # each branch's two tokens
+    row = torch.cat([sequences[0, :3], sequences[:, 3:].flatten()])[None]  # prefix, then (13 20) (14 21) (15 22)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 3, 4]])
+    branch = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    sees = torch.tril(torch.ones(9, 9, dtype=torch.bool)) & (
+        (branch[None, :] == 0) | (branch[:, None] == branch[None, :])
+    )
+    for mask in (sees[None, None], torch.zeros(1, 1, 9, 9).masked_fill(~sees, torch.finfo(torch.float32).min)):
+        shared = model(row, attention_mask=mask, position_ids=positions).logits[0, 3:].view(3, 2, -1)
+        torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot use a cache"):
+        model(row, attention_mask=sees[None, None], position_ids=positions, cache=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match=r"must be \[batch, 1, tokens, tokens\]"):
+        model(row, attention_mask=sees[None, None, :, :8].expand(1, 2, 9, 8), position_ids=positions)
 
 
 @torch.no_grad()
@@ -249,7 +331,9 @@ def test_packed_position_ids_must_restart_at_zero(random_lmdiff):
     with pytest.raises(ValueError, match="count 0, 1, 2"):
         random_lmdiff(tokens, position_ids=torch.tensor([[0, 1, 2, 1, 2, 3]]))
     with pytest.raises(ValueError, match="cannot use a cache"):
-        random_lmdiff(tokens, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), cache=LmDiffCache(random_lmdiff.config))
+        random_lmdiff(
+            tokens, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), cache=DynamicCache(config=random_lmdiff.config)
+        )
 
 
 def test_a_frozen_zero_fc_gamma_is_skipped_exactly_and_used_again_once_it_changes(monkeypatch):

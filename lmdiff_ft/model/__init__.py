@@ -12,7 +12,6 @@ from transformers import (
 
 from .configuration_lmdiff import LmDiffConfig
 from .modeling_lmdiff import (
-    LmDiffCache,
     LmDiffForCausalLM,
     LmDiffForQuestionAnswering,
     LmDiffForSequenceClassification,
@@ -29,7 +28,6 @@ AutoModelForQuestionAnswering.register(LmDiffConfig, LmDiffForQuestionAnswering,
 AutoModelForTokenClassification.register(LmDiffConfig, LmDiffForTokenClassification, exist_ok=True)
 
 __all__ = [
-    "LmDiffCache",
     "LmDiffConfig",
     "LmDiffForCausalLM",
     "LmDiffForQuestionAnswering",

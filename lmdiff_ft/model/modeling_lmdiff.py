@@ -13,7 +13,8 @@ One decoder layer, with x the residual stream, m the padding mask and ρ(v) = v 
     out = x' + y
 
 Rows packed with several sequences (position_ids restarting at 0, TRL's padding-free packing) are kept
-apart: attention runs per sequence and the means and the conv restart at each one (`PackedSequences`).
+apart: attention runs per sequence and the means and the conv restart at each one (`PackedSequences`). A custom
+4-D attention mask (a shared prefix with branches) is followed by the means and the conv too (`TokenGraph`).
 
 The layout (`.model`, `.lm_head`, `GradientCheckpointingLayer`, `GenerationMixin`) follows
 `modeling_llama.py` so that PEFT, TRL and `generate` treat this model like any transformers LM.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
     GenericForSequenceClassification,
@@ -43,13 +44,13 @@ from transformers.models.llama.modeling_llama import (
     repeat_kv,
     rotate_half,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..integrations.bitsandbytes import dense_weight
-from ..integrations.transformers import DynamicLayerWithStates
+from ..integrations.transformers import DynamicLayerWithStates, StaticLayerWithStates, with_layers_of
 from .configuration_lmdiff import LmDiffConfig
 from .remote_code import AUTO_MAP, write_remote_code
 
@@ -71,22 +72,26 @@ def causal_masked_mean(
     values: torch.Tensor,
     token_mask: torch.Tensor | None,
     past: RunningMean | None,
-    packed: "PackedSequences | None" = None,
+    layout: "Layout" = None,
 ) -> tuple[torch.Tensor, RunningMean]:
     """Mean over the non-padding positions s ≤ t, for every t, continuing from `past`.
 
     values [B, T, D] in any dtype, summed in fp32; token_mask [B, T], or None when nothing is padding
     (which saves the masking pass). Returns the fp32 means [B, T, D] and the running (sum, count) after
     the last position, which is all a cache needs to continue exactly. With packed rows the mean restarts
-    at each sequence.
+    at each sequence; under a custom 4-D mask it runs over the tokens each token sees.
     """
     batch, length, _ = values.shape
-    if packed is not None:
+    if isinstance(layout, TokenGraph):
+        sees = layout.sees.to(torch.float32)
+        sums = torch.bmm(sees, values.float())  # [B, T, D]: the sum over the tokens each one sees
+        counts = sees.sum(-1, keepdim=True)
+    elif isinstance(layout, PackedSequences):
         totals = values.cumsum(dim=1, dtype=torch.float32)
         totals_before = F.pad(totals, (0, 0, 1, 0))  # [B, T+1, D]: the sum of the positions before index i
-        starts = torch.arange(length, device=values.device) - packed.positions  # where each sequence begins
+        starts = torch.arange(length, device=values.device) - layout.positions  # where each sequence begins
         sums = totals - totals_before.gather(1, starts.unsqueeze(-1).expand_as(totals))
-        counts = (packed.positions + 1).unsqueeze(-1).to(torch.float32)
+        counts = (layout.positions + 1).unsqueeze(-1).to(torch.float32)
     elif token_mask is None:
         sums = values.cumsum(dim=1, dtype=torch.float32)
         counts = torch.arange(1, length + 1, device=values.device, dtype=torch.float32).view(1, length, 1)
@@ -100,12 +105,13 @@ def causal_masked_mean(
     return sums / counts.clamp(min=1.0), (sums[:, -1], counts[:, -1].expand(batch, 1))
 
 
-def padding_token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """The new tokens' [B, T] padding mask, or None when no position (past or new) is padding: the masked
-    means and the conv then skip their masking passes."""
-    if attention_mask is None or bool(attention_mask.all()):
+def padding_of(attention_mask: torch.Tensor | None, look: bool = True) -> torch.Tensor | None:
+    """The boolean [B, past + new] padding mask, or None when no position is padding: the masked means and the conv
+    then skip their masking passes, and SDPA can use its causal flag. `look=False` (a compiled decode step, which must
+    not branch on data) keeps the mask without looking; masking with ones changes nothing."""
+    if attention_mask is None or (look and bool(attention_mask.all())):
         return None
-    return attention_mask[:, -length:]
+    return attention_mask.bool()
 
 
 @dataclass(frozen=True)
@@ -148,13 +154,12 @@ class PackedSequences:
         return output.view(batch, length, -1, head_dim)
 
 
-def packed_sequences(position_ids: torch.Tensor, token_mask: torch.Tensor | None) -> PackedSequences | None:
+def packed_sequences(position_ids: torch.Tensor) -> PackedSequences | None:
     """The layout of rows that hold several sequences end to end (position_ids restarting at 0 inside a row,
-    as TRL's padding-free packing sends them); None when each row is one sequence.
-
-    Left-padded batches also restart their position_ids; there the padding mask already says what to skip.
+    as TRL's padding-free packing sends them); None when each row is one sequence. Asked only of batches without
+    padding: left-padded batches also restart their position_ids, and there the padding mask says what to skip.
     """
-    if token_mask is not None or position_ids.shape[1] < 2:
+    if position_ids.shape[1] < 2:
         return None
     steps = position_ids[:, 1:] - position_ids[:, :-1]
     if bool((steps == 1).all()):
@@ -165,6 +170,49 @@ def packed_sequences(position_ids: torch.Tensor, token_mask: torch.Tensor | None
     return PackedSequences.from_positions(position_ids)
 
 
+@dataclass(frozen=True)
+class TokenGraph:
+    """A custom 4-D attention mask: which tokens each token sees, e.g. a shared prefix followed by several branches
+    in one row (their position_ids repeat). Attention takes the mask as it is; the means run over the tokens each
+    token sees, and the conv's tap k reads the seen token whose position is k before its own, so every branch
+    computes what it would alone. Without a cache: the running sums follow one sequence."""
+
+    sees: torch.Tensor  # [B, T, T] bool, with each token seeing itself
+    positions: torch.Tensor  # [B, T]
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, positions: torch.Tensor) -> "TokenGraph":
+        """`mask` [B, 1, T, T]: boolean (True = attend), additive float (0 = attend), or integer (nonzero = attend)."""
+        batch, heads, queries, keys = mask.shape
+        if heads != 1 or queries != keys:
+            raise ValueError(
+                f"a 4-D attention mask must be [batch, 1, tokens, tokens] over the whole sequence (no cache), "
+                f"got {list(mask.shape)}"
+            )
+        sees = mask if mask.dtype == torch.bool else (mask == 0 if mask.is_floating_point() else mask != 0)
+        sees = sees[:, 0] | torch.eye(queries, dtype=torch.bool, device=mask.device)
+        return cls(sees=sees, positions=positions.expand(batch, queries))
+
+    def earlier(self, inputs: torch.Tensor, steps_back: int) -> torch.Tensor:
+        """[B, T, D]: for each token, the input of the token it sees at `steps_back` positions before its own (0 if
+        none)."""
+        target = self.positions - steps_back
+        pick = self.sees & (self.positions[:, None, :] == target[:, :, None])
+        return torch.bmm(pick.to(inputs.dtype), inputs)
+
+    def attention_mask(self, additive_dtype: torch.dtype | None) -> torch.Tensor:
+        """[B, 1, T, T] in the convention of `build_attention_mask`."""
+        allowed = self.sees[:, None]
+        if additive_dtype is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(additive_dtype).min
+        )
+
+
+Layout = PackedSequences | TokenGraph | None  # how a row's tokens form sequences, when not simply one sequence
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Mark a layer to start at exactly zero (see `_init_weights`): the neutral point of a new component."""
     module._zero_init = True
@@ -172,43 +220,34 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None,
-    query_length: int,
-    past_length: int,
-    device: torch.device,
+    padding: torch.Tensor | None,
+    query_positions: torch.Tensor,
+    key_length: int,
     additive_dtype: torch.dtype | None = None,
-) -> torch.Tensor | None:
-    """Boolean [B, 1, q, k] mask (True = attend), or None when SDPA's own causal flag is enough.
+) -> torch.Tensor:
+    """Boolean [B, 1, q, k] mask (True = attend), or with `additive_dtype` (eager attention, which adds the mask to
+    its scores) 0 where a query attends and the dtype's minimum elsewhere.
 
-    With `additive_dtype` (eager attention, which adds the mask to its scores and has no causal flag) always a
-    mask, in that dtype: 0 where a query attends, the dtype's minimum elsewhere.
+    query_positions [q]: each new token's place among the keys (offset by a static cache's fill level, a 0-d tensor,
+    so no shape or branch depends on data). key_length: past + new, or a static cache's length, whose slots after the
+    queries are masked like the future. padding [B, key_length]: True for real tokens, or None when none is padding.
 
     Each query may always attend to itself: a padding query would otherwise see nothing, and SDPA would
     return NaN there, which the masked means (0 · NaN) would then spread.
     """
-    has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if additive_dtype is not None:
-        allowed = build_attention_mask(attention_mask, query_length, past_length, device)
-        if allowed is None:
-            key_pos = torch.arange(past_length + query_length, device=device)
-            allowed = key_pos[None, None, None, :] <= key_pos[past_length:, None]
-        zeros = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
-        return zeros.masked_fill(~allowed, torch.finfo(additive_dtype).min)
-    if not has_padding and (past_length == 0 or query_length == 1):
-        return None
-    key_length = past_length + query_length
-    key_pos = torch.arange(key_length, device=device)
-    query_pos = torch.arange(past_length, key_length, device=device)
-    allowed = key_pos[None, :] <= query_pos[:, None]
-    if has_padding:
-        if attention_mask.shape[-1] != key_length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {key_length}"
-            )
-        allowed = allowed[None] & attention_mask.bool()[:, None, :]
-        allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None]
-        return allowed[:, None]
-    return allowed[None, None]
+    key_positions = torch.arange(key_length, device=query_positions.device)
+    allowed = (key_positions[None, :] <= query_positions[:, None])[None]  # [1, q, k]
+    if padding is not None:
+        itself = key_positions[None, :] == query_positions[:, None]
+        allowed = (allowed & padding[:, None, :]) | itself[None]  # [B, q, k]
+    allowed = allowed[:, None]
+    if additive_dtype is None:
+        return allowed
+    zeros = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+
+
+CACHE_STATES = ("conv_state", "context", "squeeze")  # what a cache layer holds besides keys and values
 
 
 class LmDiffCacheLayer(DynamicLayerWithStates):
@@ -216,17 +255,24 @@ class LmDiffCacheLayer(DynamicLayerWithStates):
     [k1; k2] and [v; v]), the token-mixing conv's last K−1 inputs, and the running sums of the context and
     the SE squeeze (which follow the batch through beam search, and cannot be cropped)."""
 
-    extra_states = ("conv_state", "context", "squeeze")
+    extra_states = CACHE_STATES
     conv_state: torch.Tensor | None
     context: RunningMean | None
     squeeze: RunningMean | None
 
 
-class LmDiffCache(Cache):
-    """The model's cache: one `LmDiffCacheLayer` per decoder layer."""
+class LmDiffStaticCacheLayer(StaticLayerWithStates):
+    """The same state in a static cache (`cache_implementation="static"`, `torch.compile`): keys and values
+    preallocated for the cache's length, and the conv window and running sums, which have a fixed size anyway,
+    written in place."""
 
-    def __init__(self, config: LmDiffConfig):
-        super().__init__(layers=[LmDiffCacheLayer() for _ in range(config.num_hidden_layers)])
+    extra_states = CACHE_STATES
+    conv_state: torch.Tensor | None
+    context: RunningMean | None
+    squeeze: RunningMean | None
+
+
+CacheLayer = LmDiffCacheLayer | LmDiffStaticCacheLayer
 
 
 class LmDiffAdaptiveRMSNorm(nn.Module):
@@ -264,6 +310,8 @@ class LmDiffAdaptiveRMSNorm(nn.Module):
         layer (forward and backward: ~8% of a SmolLM2-size training step). Checked once per change of the
         tensors (their version counters move on every in-place write: loading, merging, an optimizer step)."""
         fc = self.fc_gamma
+        if is_torchdynamo_compiling():
+            return False  # the check reads values; computing γ = 0 is exact too
         if not isinstance(fc, nn.Linear) or any(p.requires_grad for p in fc.parameters()):
             return False  # trained (directly or through an adapter: PEFT's layers are no nn.Linear) or low rank
         tensors = [fc.weight] + ([fc.bias] if fc.bias is not None else [])
@@ -390,8 +438,8 @@ class LmDiffAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        cache: LmDiffCacheLayer | None = None,
-        packed: PackedSequences | None = None,
+        cache: CacheLayer | None = None,
+        layout: Layout = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
@@ -415,8 +463,8 @@ class LmDiffAttention(nn.Module):
 
         dropout = self.attention_dropout if self.training else 0.0
         weights = None  # the maps [B, heads, T, past + T], from eager attention only
-        if packed is not None:  # each sequence alone, whatever the implementation (no maps)
-            output = packed.attend(
+        if isinstance(layout, PackedSequences):  # each sequence alone, whatever the implementation (no maps)
+            output = layout.attend(
                 query, key, value, dropout_p=dropout, scale=self.scaling, enable_gqa=self.num_key_value_groups > 1
             )  # [B, T, heads, d]
         else:
@@ -456,8 +504,8 @@ class LmDiffTokenMixing(nn.Module):
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None,
-        cache: LmDiffCacheLayer | None = None,
-        packed: PackedSequences | None = None,
+        cache: CacheLayer | None = None,
+        layout: Layout = None,
     ) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
         inputs = hidden_states
@@ -469,13 +517,15 @@ class LmDiffTokenMixing(nn.Module):
             history = inputs.new_zeros(batch, self.kernel_size - 1, hidden)
         window = torch.cat([history, inputs], dim=1)  # [B, K−1+T, D]
         if cache is not None:
-            cache.conv_state = window[:, window.shape[1] - (self.kernel_size - 1) :]
+            cache.write_state("conv_state", window[:, window.shape[1] - (self.kernel_size - 1) :])
         weight = self.conv.weight[:, 0]  # [D, K]; tap k multiplies the input K−1−k steps back
         mixed = hidden_states + self.conv.bias
         for k in range(self.kernel_size):
             shifted, steps_back = window[:, k : k + length], self.kernel_size - 1 - k
-            if packed is not None and steps_back > 0:  # never reach back into the previous sequence
-                shifted = shifted * (packed.positions >= steps_back).unsqueeze(-1).to(shifted.dtype)
+            if isinstance(layout, PackedSequences) and steps_back > 0:  # never reach back into the previous sequence
+                shifted = shifted * (layout.positions >= steps_back).unsqueeze(-1).to(shifted.dtype)
+            elif isinstance(layout, TokenGraph) and steps_back > 0:  # the branch's own earlier token
+                shifted = layout.earlier(inputs, steps_back)
             mixed = torch.addcmul(mixed, shifted, weight[:, k])
         return mixed
 
@@ -493,13 +543,13 @@ class LmDiffSEGate(nn.Module):
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None,
-        cache: LmDiffCacheLayer | None = None,
-        packed: PackedSequences | None = None,
+        cache: CacheLayer | None = None,
+        layout: Layout = None,
     ) -> torch.Tensor:
         past = cache.squeeze if cache is not None else None
-        squeeze, running = causal_masked_mean(hidden_states, token_mask, past, packed)
+        squeeze, running = causal_masked_mean(hidden_states, token_mask, past, layout)
         if cache is not None:
-            cache.squeeze = running
+            cache.write_state("squeeze", running)
         gate = 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(squeeze.to(hidden_states.dtype)))))
         return hidden_states * gate.to(hidden_states.dtype)
 
@@ -522,33 +572,33 @@ class LmDiffDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
-        cache: LmDiffCacheLayer | None = None,
-        packed: PackedSequences | None = None,
+        cache: CacheLayer | None = None,
+        layout: Layout = None,
         **kwargs,
     ) -> torch.Tensor:
         context = normed = None
         if self.use_adaptive_norm:
             normed = rms_normalize(hidden_states, self.variance_epsilon)
             past = cache.context if cache is not None else None
-            context, running = causal_masked_mean(normed, token_mask, past, packed)
+            context, running = causal_masked_mean(normed, token_mask, past, layout)
             if cache is not None:
-                cache.context = running
+                cache.write_state("context", running)
 
         attended, _ = self.self_attn(
             self.input_layernorm(hidden_states, context, normed),
             position_embeddings,
             attention_mask,
             cache,
-            packed,
+            layout,
             **kwargs,
         )
         if self.token_mixing is not None:
-            attended = self.token_mixing(attended, token_mask, cache, packed)
+            attended = self.token_mixing(attended, token_mask, cache, layout)
         hidden_states = hidden_states + attended
 
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states, context))
         if self.se_gate is not None:
-            mlp_out = self.se_gate(mlp_out, token_mask, cache, packed)
+            mlp_out = self.se_gate(mlp_out, token_mask, cache, layout)
         return hidden_states + mlp_out
 
 
@@ -564,6 +614,7 @@ class LmDiffPreTrainedModel(PreTrainedModel):
     # (boolean [B, 1, q, k], True = attend, or None for a plain causal mask).
     _supports_attention_backend = True
     _is_stateful = True  # the running sums cannot be rewound, so no assisted decoding
+    _can_compile_fullgraph = True  # a decode step with a static cache has no data-dependent branch (see forward)
     _can_record_outputs = {"hidden_states": LmDiffDecoderLayer, "attentions": LmDiffAttention}
 
     @torch.no_grad()
@@ -578,10 +629,6 @@ class LmDiffPreTrainedModel(PreTrainedModel):
         if isinstance(module, LmDiffLambda):
             for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 init.normal_(vector, mean=0.0, std=self.config.lambda_init_std)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model makes its own `LmDiffCache` on the first forward with use_cache
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
         """transformers' `save_pretrained`, plus this model's code and an `auto_map`: the checkpoint also loads with
@@ -621,31 +668,54 @@ class LmDiffModel(LmDiffPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if cache is not None and not isinstance(cache, LmDiffCache):
-            raise TypeError(f"LM-Diff needs an LmDiffCache, got {type(cache).__name__}")
-
         batch, length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("LM-Diff takes a 2-D padding mask [batch, past + new tokens]")
-        token_mask = padding_token_mask(attention_mask, length)
-        packed = None
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
-        else:
-            packed = packed_sequences(position_ids.expand(batch, -1), token_mask)
-        if packed is not None:
-            if cache is not None:
-                raise ValueError("packed sequences (position_ids restarting within a row) cannot use a cache")
-            use_cache = False  # a cache holding several sequences could not be continued
-        eager = self.config._attn_implementation == "eager"
-        causal_mask = build_attention_mask(
-            attention_mask, length, past_length, inputs_embeds.device, inputs_embeds.dtype if eager else None
-        )
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError("LM-Diff takes a 2-D padding mask [batch, past + new tokens] or a 4-D custom mask")
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        layout = graph = None
+        if attention_mask is not None and attention_mask.dim() == 4:  # who sees whom, given token by token
+            if position_ids is None:
+                position_ids = torch.arange(length, device=inputs_embeds.device)[None]
+            layout = graph = TokenGraph.from_mask(attention_mask, position_ids)
+            attention_mask = None
+        # A compiled decode step (a cache given) keeps the mask without looking at it: no branch on data.
+        padding = padding_of(attention_mask, look=not (cache is not None and is_torchdynamo_compiling()))
+        if position_ids is not None and padding is None and graph is None:
+            layout = packed_sequences(position_ids.expand(batch, -1))
+        if layout is not None:
+            if cache is not None:
+                raise ValueError(
+                    "packed sequences (position_ids restarting within a row) and 4-D masks cannot use a cache"
+                )
+            use_cache = False  # a cache holding several sequences could not be continued
         if use_cache and cache is None:
-            cache = LmDiffCache(self.config)
+            cache = DynamicCache(config=self.config)
+        if cache is not None:  # generate's DynamicCache/StaticCache come with Llama's layers: LM-Diff's go in
+            cache = with_layers_of(cache, self.config.num_hidden_layers, LmDiffCacheLayer, LmDiffStaticCacheLayer)
+
+        # The keys attention sees: past + new, or all of a static cache's slots (its fill level is then a 0-d tensor).
+        past_length = cache.get_seq_length() if cache is not None else 0
+        static = cache is not None and isinstance(cache.layers[0], LmDiffStaticCacheLayer)
+        key_length = cache.get_max_length() if static else past_length + length
+        query_positions = torch.arange(length, device=inputs_embeds.device) + past_length
+        if position_ids is None:
+            position_ids = query_positions[None]
+        token_mask = None  # the new tokens' padding, for the masked means and the conv
+        if padding is not None:
+            if padding.shape[-1] != key_length and not (static and padding.shape[-1] < key_length):
+                raise ValueError(
+                    f"attention_mask covers {padding.shape[-1]} positions, expected past + new = {key_length}"
+                )
+            padding = F.pad(padding, (0, key_length - padding.shape[-1]))  # a static cache's unwritten slots
+            token_mask = padding[:, query_positions]
+        eager = self.config._attn_implementation == "eager"
+        causal_mask = None  # SDPA's causal flag says it all (or, for one query, there is nothing to mask)
+        if graph is not None:
+            causal_mask = graph.attention_mask(inputs_embeds.dtype if eager else None)
+        elif eager or padding is not None or static or not (past_length == 0 or length == 1):
+            additive = inputs_embeds.dtype if eager else None
+            causal_mask = build_attention_mask(padding, query_positions, key_length, additive)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -656,7 +726,7 @@ class LmDiffModel(LmDiffPreTrainedModel):
                 attention_mask=causal_mask,
                 token_mask=token_mask,
                 cache=cache.layers[i] if cache is not None else None,
-                packed=packed,
+                layout=layout,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -673,6 +743,17 @@ class LmDiffForCausalLM(LmDiffPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def create_masks_for_generate(
+        self, attention_mask: torch.Tensor | None, cache: Cache, **kwargs
+    ) -> torch.Tensor | None:
+        """The mask `generate` hands each step when its cache is static (and so may be compiled): where other models
+        take a 4-D causal mask there, LM-Diff's forward takes the 2-D padding mask, which its running means and conv
+        need. Laid over all of the cache's slots (0 past the tokens so far), it has one shape at every step, so a
+        compiled step never recompiles. (`generate` looks this method up on the model; transformers 5.24.)"""
+        if attention_mask is None:
+            return None
+        return F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[-1]))
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -725,13 +806,14 @@ class LmDiffForTokenClassification(GenericForTokenClassification, LmDiffPreTrain
 
 
 __all__ = [
-    "LmDiffCache",
+    "LmDiffCacheLayer",
     "LmDiffForCausalLM",
     "LmDiffForQuestionAnswering",
     "LmDiffForSequenceClassification",
     "LmDiffForTokenClassification",
     "LmDiffModel",
     "LmDiffPreTrainedModel",
+    "LmDiffStaticCacheLayer",
     "build_attention_mask",
     "causal_masked_mean",
     "lambda_init",
