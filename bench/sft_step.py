@@ -11,6 +11,11 @@ negligible and left out). A warm-up step, then `--repeats` timed steps (median),
 torch.profiler, whose operators are grouped: matrix products (mm/addmm/bmm and bitsandbytes' 4-bit GEMM), attention
 (SDPA forward and backward), nf4 dequantisation, and everything else. Peak RSS is the process's VmHWM.
 
+What bounds the step: the FLOPs of its matrix products (counted from the profiled operators' shapes), the rate
+they ran at, and the time they would take alone at the rate of a plain `torch.mm` of the step's most common
+product shape (a micro-batch's tokens × hidden → intermediate, timed here, median of 5): no schedule of the other
+work can make the step shorter than that.
+
 `--baseline` undoes each change measured in the README, all at once: gradient checkpointing on (TRL's default
 and ours before `auto`), one micro-batch of 16 rows, TRL's LM head projecting every position on CPU (before
 `integrations/trl.py`), fc_gamma computed although it is exactly zero.
@@ -38,7 +43,7 @@ from lmdiff_ft.recipes import common
 from lmdiff_ft.recipes.common import load_model, trainer_construction, training_arguments
 from lmdiff_ft.schema.load import load_task
 
-from .common import REPO_ROOT, load_average, peak_rss, write_json
+from .common import REPO_ROOT, gemm_flops, gemm_seconds, load_average, peak_rss, write_json
 
 DEFAULT_TASK = REPO_ROOT / "tasks" / "nasa_qa.yaml"
 BASELINE_OVERRIDES = ["train.gradient_checkpointing=true", "train.batch_size=16", "train.grad_accum=1"]
@@ -89,6 +94,22 @@ def operator_groups(prof) -> dict[str, float]:
     return seconds
 
 
+def matrix_flops(prof) -> float:
+    """FLOPs of the profiled matrix products, from their input shapes (2·M·K·N each; bias and batch included)."""
+    flops = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):
+        shapes = [shape for shape in event.input_shapes if len(shape) >= 2]
+        if event.key in ("aten::mm", "aten::bmm") and len(shapes) == 2:
+            first, second = shapes
+        elif event.key in ("aten::addmm", "aten::addmm_") and len(shapes) >= 2:
+            first, second = shapes[-2:]
+        else:
+            continue
+        batch = first[0] if len(first) == 3 else 1
+        flops += event.count * 2.0 * batch * first[-2] * first[-1] * second[-1]
+    return flops
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", type=Path, default=DEFAULT_TASK)
@@ -120,9 +141,14 @@ def measure(args: argparse.Namespace, overrides: list[str], load_before: float |
 
     step()  # warm-up
     seconds = statistics.median(step() for _ in range(args.repeats))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     groups = operator_groups(prof)
+    config = trainer.model.config
+    probe_shape = (max(b["input_ids"].numel() for b in micro_batches), config.hidden_size, config.intermediate_size)
+    probe = gemm_seconds(trainer.model.device, trainer.model.dtype, probe_shape)
+    probe_rate = gemm_flops(probe_shape) / statistics.median(probe() for _ in range(5))
+    flops = matrix_flops(prof)
     result = {
         "task": str(args.task),
         "overrides": overrides,
@@ -136,6 +162,13 @@ def measure(args: argparse.Namespace, overrides: list[str], load_before: float |
         "tokens_per_s": round(tokens / seconds, 1),
         "peak_rss_gib": round(peak_rss() / 2**30, 2),
         "profile_s": {name: round(value, 4) for name, value in groups.items()},
+        "matrix_products": {
+            "flops": int(flops),
+            "gflop_per_s_in_step": round(flops / groups["matrix products"] / 1e9, 1),
+            "probe_shape": list(probe_shape),
+            "probe_gflop_per_s": round(probe_rate / 1e9, 1),
+            "seconds_at_probe_rate": flops / probe_rate,
+        },
         "load_average": [load_before, load_average()],
         "threads": torch.get_num_threads(),
     }
@@ -146,6 +179,12 @@ def measure(args: argparse.Namespace, overrides: list[str], load_before: float |
     )
     for name, value in groups.items():
         print(f"  {name:20s} {value:6.2f} s  {100 * value / groups['total']:5.1f}%")
+    products = result["matrix_products"]
+    print(
+        f"matrix products: {flops / 1e12:.3f} TFLOP at {products['gflop_per_s_in_step']} GFLOP/s in the step; "
+        f"alone at the rate of a plain {'×'.join(map(str, probe_shape))} torch.mm ({products['probe_gflop_per_s']} "
+        f"GFLOP/s here) they take {flops / probe_rate:.1f} s"
+    )
     write_json("sft_step_baseline" if args.baseline else "sft_step", args, trainer.model.device, result)
 
 
