@@ -1,4 +1,5 @@
-"""`torch.compile` of the model traces, runs forward and backward, and matches eager mode."""
+"""`torch.compile` of the model traces, runs forward and backward, and matches eager mode; with a static cache
+`generate` compiles the decode step as one graph."""
 
 import pytest
 import torch
