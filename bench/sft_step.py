@@ -11,9 +11,9 @@ negligible and left out). A warm-up step, then `--repeats` timed steps (median),
 torch.profiler, whose operators are grouped: matrix products (mm/addmm/bmm and bitsandbytes' 4-bit GEMM), attention
 (SDPA forward and backward), nf4 dequantisation, and everything else. Peak RSS is the process's VmHWM.
 
-What bounds the step: the FLOPs of its matrix products (counted from the profiled operators' shapes), the rate
-they ran at, and the time they take alone, each shape timed as a plain `torch.mm` on warm inputs: no
-arrangement of the step's other work can make it shorter than that.
+How near the step's matrix products run to what this machine gives: their FLOPs (counted from the profiled
+operators' shapes) and the rate they ran at, beside the time the same products take as plain `torch.mm` calls,
+each shape timed on its own inputs (median of 3) times how often the step ran it.
 
 `--baseline` undoes each change measured in the README, all at once: gradient checkpointing on (TRL's default
 and ours before `auto`), one micro-batch of 16 rows, TRL's LM head projecting every position on CPU (before
@@ -118,8 +118,8 @@ def flops_of(shapes: Counter[Shape]) -> float:
 
 
 def plain_product_seconds(shapes: Counter[Shape], dtype: torch.dtype) -> float:
-    """The step's matrix products alone: each shape timed as one plain `torch.mm` (`bmm`) on warm inputs (median of 3),
-    times how often the step ran it. No arrangement of the step's other work can make it shorter than this."""
+    """The step's matrix products as plain calls: each shape timed as one `torch.mm` (`bmm`) on its own inputs (median
+    of 3), times how often the step ran it."""
     seconds = 0.0
     for (batch, rows, inner, columns), count in shapes.items():
         product = torch.mm if batch == 1 else torch.bmm  # as the step ran them (bf16 mm and bmm take other kernels)
@@ -206,8 +206,8 @@ def measure(args: argparse.Namespace, overrides: list[str], load_before: float |
     products = result["matrix_products"]
     print(
         f"matrix products: {flops / 1e12:.3f} TFLOP in {len(shapes)} shapes, {products['gflop_per_s_in_step']} GFLOP/s "
-        f"in the step; alone, each as a plain torch.mm, they take {plain_seconds:.1f} s "
-        f"({products['gflop_per_s_as_plain_products']} GFLOP/s): the floor of this step on this machine in this dtype"
+        f"in the step; as plain torch.mm calls of the same shapes {plain_seconds:.1f} s "
+        f"({products['gflop_per_s_as_plain_products']} GFLOP/s)"
     )
     write_json("sft_step_baseline" if args.baseline else "sft_step", args, trainer.model.device, result)
 
