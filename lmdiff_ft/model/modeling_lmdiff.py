@@ -203,11 +203,7 @@ class TokenGraph:
     def attention_mask(self, additive_dtype: torch.dtype | None) -> torch.Tensor:
         """[B, 1, T, T] in the convention of `build_attention_mask`."""
         allowed = self.sees[:, None]
-        if additive_dtype is None:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(additive_dtype).min
-        )
+        return allowed if additive_dtype is None else additive_mask(allowed, additive_dtype)
 
 
 Layout = PackedSequences | TokenGraph | None  # how a row's tokens form sequences, when not simply one sequence
@@ -241,10 +237,12 @@ def build_attention_mask(
         itself = key_positions[None, :] == query_positions[:, None]
         allowed = (allowed & padding[:, None, :]) | itself[None]  # [B, q, k]
     allowed = allowed[:, None]
-    if additive_dtype is None:
-        return allowed
-    zeros = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
-    return zeros.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+    return allowed if additive_dtype is None else additive_mask(allowed, additive_dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention adds it to its scores: 0 where attending, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 CACHE_STATES = ("conv_state", "context", "squeeze")  # what a cache layer holds besides keys and values
