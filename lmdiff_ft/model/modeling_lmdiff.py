@@ -245,29 +245,26 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-CACHE_STATES = ("conv_state", "context", "squeeze")  # what a cache layer holds besides keys and values
+class LmDiffLayerStates:
+    """What an LM-Diff cache layer holds besides keys and values: the token-mixing conv's last K−1 inputs and the
+    running (sum, count) of the context and of the SE squeeze."""
 
-
-class LmDiffCacheLayer(DynamicLayerWithStates):
-    """One layer's decoding state: keys and values of both attention branches (stacked on the head axis,
-    [k1; k2] and [v; v]), the token-mixing conv's last K−1 inputs, and the running sums of the context and
-    the SE squeeze (which follow the batch through beam search, and cannot be cropped)."""
-
-    extra_states = CACHE_STATES
+    extra_states = ("conv_state", "context", "squeeze")
     conv_state: torch.Tensor | None
     context: RunningMean | None
     squeeze: RunningMean | None
 
 
-class LmDiffStaticCacheLayer(StaticLayerWithStates):
+class LmDiffCacheLayer(LmDiffLayerStates, DynamicLayerWithStates):
+    """One layer's decoding state: keys and values of both attention branches (stacked on the head axis,
+    [k1; k2] and [v; v]) and the states above (which follow the batch through beam search, and cannot be
+    cropped)."""
+
+
+class LmDiffStaticCacheLayer(LmDiffLayerStates, StaticLayerWithStates):
     """The same state in a static cache (`cache_implementation="static"`, `torch.compile`): keys and values
     preallocated for the cache's length, and the conv window and running sums, which have a fixed size anyway,
     written in place."""
-
-    extra_states = CACHE_STATES
-    conv_state: torch.Tensor | None
-    context: RunningMean | None
-    squeeze: RunningMean | None
 
 
 CacheLayer = LmDiffCacheLayer | LmDiffStaticCacheLayer
