@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import get_args
 
 from .errors import UserError
+from .integrations.versions import untested_versions
 from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
 from .serve.settings import DEFAULT_LIMITS, Limits
 
@@ -204,6 +205,8 @@ def is_override(value: object) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for line in untested_versions():
+        print(f"lmdiff-ft: warning: {line}", file=sys.stderr)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if is_override(getattr(args, "resume", None)):  # `--resume train.lr=1e-3`: resume the latest, and override

@@ -211,8 +211,9 @@ def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
 
 
 def metrics_before(trainer, out: Path, checkpoint: str | None, compute) -> dict:
-    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. Under FSDP2 the
-    evaluation runs before the model is sharded."""
+    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. FSDP2 is on from
+    here, on CPU processes as on GPUs, so that this first evaluation takes the same path on both."""
+    fsdp_on_cpu_too(trainer)
     before_file = out / BEFORE_FILE
     if checkpoint and before_file.is_file():
         return json.loads(before_file.read_text())
@@ -246,11 +247,11 @@ def train_and_publish(
     # PEFT's count, before training shards the parameters (it reads a ZeRO-3 parameter's size where DeepSpeed keeps it)
     trainable, _ = trainer.model.get_nb_trainable_parameters()
     unprepare_after_evaluation(trainer)
-    fsdp_on_cpu_too(trainer)  # FSDP2 shards in train() on CPU processes as on GPUs
     started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - started
     after, samples = evaluate()
+    after |= retention_kept(before, after)
     state_dict = gathered_state_dict(trainer)
     if not is_main_process():
         return None
