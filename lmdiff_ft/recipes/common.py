@@ -8,6 +8,7 @@
 """
 
 import json
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from ..adapters.presets import attach_adapters
 from ..base.loading import LoadedBase, default_device, load_base
 from ..errors import UserError
 from ..evaluation.report import model_card, plot_loss_curve, print_metrics_table, write_json
+from ..evaluation.retention import retention_kept
 from ..integrations.accelerate import (
     evaluation_before_sharding,
     fsdp_enabled,
@@ -189,7 +191,8 @@ def training_arguments(
 
 def load_model(task: Task, console: Console, sequences_per_row: int = 1) -> tuple[LoadedBase, torch.nn.Module, bool]:
     """The base, the model with its adapters, and whether training recomputes activations."""
-    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
+    b = task.base
+    base = load_base(b.path, task.quantization, task.dtype, b.convert_from_llama, b.seed, plain_llama=b.plain_llama)
     console.print(base.describe())
     if task.template.chat_template:
         base.tokenizer.chat_template = task.template.chat_template
@@ -235,6 +238,14 @@ def gathered_state_dict(trainer) -> dict | None:
     return None
 
 
+def eval_curve(before: dict, log_history: list[dict]) -> list[dict]:
+    """The eval loss before training (step 0) and at every `train.eval_steps`: how fast a run converges. The
+    evaluation after training logs at the last step too, with the same value; it counts once."""
+    losses = {0: before["eval_loss"]} if "eval_loss" in before else {}
+    losses |= {e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e}
+    return [{"step": step, "eval_loss": loss} for step, loss in losses.items()]
+
+
 def train_and_publish(
     trainer, task: Task, base: LoadedBase, checkpoint, before: dict, evaluate, summary: dict, console: Console
 ) -> dict | None:
@@ -264,6 +275,8 @@ def train_and_publish(
         "train_seconds": round(train_seconds, 1),
         "global_step": trainer.state.global_step,
         "trainable_parameters": trainable,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "eval_curve": eval_curve(before, trainer.state.log_history),
         "samples": samples,
     }
     summary = {
@@ -292,5 +305,3 @@ def train_and_publish(
     publish_run(out, write)
     console.print(f"wrote {out}")
     return metrics
-
-

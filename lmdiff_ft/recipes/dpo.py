@@ -22,6 +22,7 @@ from ..data.sources import source_name
 from ..errors import UserError
 from ..evaluation.generation import generation_metrics
 from ..evaluation.likelihood import answer_nll, preference_logprobs, preference_metrics
+from ..evaluation.retention import retention_metrics
 from ..integrations.trl import reference_model
 from ..schema.load import load_task
 from ..schema.task import Task
@@ -121,7 +122,8 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
             values, split_samples = generation_metrics(model, tokenizer, rows, sft_task.eval, split)
             metrics.update({f"sft_{k}": v for k, v in values.items()})
             samples += [{"split": f"sft_{split}", **s} for s in split_samples]
-    return metrics, samples
+    retention, retention_samples = retention_metrics(model, tokenizer, task.eval)
+    return metrics | retention, samples + retention_samples
 
 
 def finished_sft_runs(runs: Path = Path("runs")) -> list[tuple[Path, dict]]:
@@ -155,5 +157,6 @@ def continuation_task(overrides: list[str], runs: Path = Path("runs")) -> Task:
     run, sft = named[0]
     base = sft["base"]
     start = [f"adapter.init_adapter={run}", f"base.path={base['path']}", f"base.seed={base['seed']}"]
-    start.append(f"base.convert_from_llama={str(base['convert_from_llama']).lower()}")
+    for switch in ("convert_from_llama", "plain_llama"):
+        start.append(f"base.{switch}={str(base.get(switch, False)).lower()}")
     return load_task(sft["preference_task"], start + list(overrides))
