@@ -79,6 +79,18 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     run_dpo(task, dry_run=args.dry_run, resume=args.resume)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .commands.sweep import load_sweep, run_sweep
+
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 1,2,3") from None
+    return run_sweep(load_sweep(args.sweep, args.grid, seeds))
+
+
 def cmd_app(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
     from .serve.app import serve
@@ -139,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "preference tuning (TRL DPOTrainer), reference = frozen adapter",
         "task YAML file (default: the DPO task of the newest finished SFT run under runs/, continuing it)",
     )
+
+    sweep = commands.add_parser("sweep", help="a grid of task overrides × seeds, each an ordinary run (resumable)")
+    sweep.add_argument("sweep", help="sweep YAML (tasks, cells, grid, seeds: docs/sweep.md), or a task YAML")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="add a grid axis (repeatable)")
+    sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: the sweep file's, else 42)")
+    sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = commands.add_parser("eval", help="evaluate the base and adapters on a task's data, side by side")
     evaluate.add_argument("task", help="task YAML file (its data, template and eval settings are used)")
@@ -218,14 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.handler(args)
+        code = args.handler(args)
     except UserError as exc:
         print(f"lmdiff-ft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmdiff-ft {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
