@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @contextmanager
@@ -54,3 +54,27 @@ def publish_run(out: str | Path, write: Callable[[Path], None]) -> None:
             os.replace(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# What a published run uploads: the adapter, tokenizer, card, metrics and resolved task, not its checkpoints or logs
+HUB_IGNORED = ["checkpoint-*", "checkpoint-*/**", "runs/**", ".*", "metrics_before.json"]
+
+
+def push_run(out: str | Path, repo_id: str, private: bool) -> str:
+    """Upload a finished run to the Hub repo `repo_id` (created if absent). It stays complete on disk whatever the
+    Hub says; a failure (offline, no token, no rights) is one line saying how to push it later."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(out), ignore_patterns=HUB_IGNORED, commit_message="lmdiff-ft run"
+        )
+    except Exception as exc:  # offline mode, network, auth, permissions: the user's to fix, the run is safe
+        raise UserError(
+            f"{out}: trained and saved, but pushing it to the Hub repo {repo_id} failed ({first_line(exc)}); push it "
+            f"later "
+            f"with `hf upload {repo_id} {out}`"
+        ) from None
+    return f"pushed {out} to {getattr(info, 'repo_url', repo_id)}"

@@ -319,6 +319,73 @@ def test_format_and_template_rules(tmp_path, section, expected):
     assert expected in load_error(tmp_path, MINIMAL + section + "\n")
 
 
+SOURCES = "name: qa\nbase: tiny\ndata:\n  train:\n    - a.jsonl\n    - {path: b.jsonl, format: sharegpt, weight: 1}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # several sources (issue 23)
+        ("name: qa\nbase: tiny\ndata: {train: []}\n", "data.train: expected a mapping that is not empty, got []"),
+        ("name: qa\nbase: tiny\ndata: {train: [a.jsonl, 5]}\n", "data.train[1]: expected a string or a mapping"),
+        ("name: qa\nbase: tiny\ndata: {train: [{path: a.jsonl, format: shargpt}]}\n",
+         "data.train[0].format: expected one of messages, sharegpt"),
+        ("name: qa\nbase: tiny\ndata: {train: [{path: a.jsonl, weight: 0}]}\n",
+         "data.train[0].weight: expected a number > 0, got 0.0"),
+        ("name: qa\nbase: tiny\ndata: {train: [{pth: a.jsonl}]}\n", "unknown key 'data.train[0].pth'"),
+        ("name: qa\nbase: tiny\ndata: {train: [{path: a.jsonl, format: sharegpt, fields: {messages: m}}]}\n",
+         "unknown key 'data.train[0].fields.messages': data.train[0].format 'sharegpt' maps conversations"),
+        ("name: qa\nbase: tiny\ndata: {train: a.jsonl, eval: {path: b.jsonl, weight: 2}}\n",
+         "data.eval.weight: weights mix several train sources"),
+        ("name: qa\nbase: tiny\ndata: {train: [a.jsonl, {path: b.jsonl, format: text}]}\n",
+         "data.train[1].format: 'text' rows cannot be mixed with other formats (prompt_completion)"),
+        (SOURCES + "template: {chat: false}\n", "template.chat: data.format 'sharegpt' needs chat: true"),
+        (SOURCES + "preference: {}\n", "data.format: preference (DPO) data needs 'prompt_completion'"),
+        ("name: qa\nbase: tiny\ndata: {train: a.jsonl, format: sharegpt, sharegpt_roles: {user: []}}\n",
+         "data.sharegpt_roles.user: expected a list that is not empty"),
+        # loggers, trainer pass-through, evaluation during training, the Hub
+        (MINIMAL + "train: {report_to: [tensorboard, wandbb]}\n", "train.report_to[1]: expected one of tensorboard"),
+        (MINIMAL + "train: {extra_args: {max_grad_nrom: 0.3}}\n",
+         "train.extra_args.max_grad_nrom: not an argument of TRL's SFTConfig (close: max_grad_norm"),
+        (MINIMAL + "train: {extra_args: {learning_rate: 0.1}}\n",
+         "train.extra_args.learning_rate: set by train.lr; set it there"),
+        (MINIMAL + "train: {extra_args: {rpo_alpha: 1}}\n", "train.extra_args.rpo_alpha: not an argument of TRL's"),
+        (MINIMAL + "train: {extra_args: [max_grad_norm]}\n", "train.extra_args: expected a mapping"),
+        (MINIMAL + "train: {eval_strategy: steps}\n", "train.eval_strategy: 'steps' needs train.eval_steps"),
+        (MINIMAL + "train: {load_best_model_at_end: true}\n", "train.load_best_model_at_end: needs evaluation"),
+        (MINIMAL + "train: {eval_steps: 5, early_stopping_patience: 2}\n",
+         "train.early_stopping_patience: needs train.load_best_model_at_end: true"),
+        (MINIMAL + "train: {eval_steps: 5, save_steps: 7, load_best_model_at_end: true}\n",
+         "train.save_steps: with load_best_model_at_end, expected a multiple of train.eval_steps (5), got 7"),
+        (MINIMAL + "train: {metric_for_best_model: accuracy}\n", "train.metric_for_best_model: expected loss"),
+        (MINIMAL + "train: {push_to_hub: true}\n", "train.hub_model_id: push_to_hub needs a Hub repo id"),
+        (MINIMAL + "train: {push_to_hub: true, hub_model_id: nope}\n", "got 'nope'"),
+    ],
+)  # fmt: skip
+def test_new_keys_give_one_line_errors(tmp_path, text, expected):
+    assert expected in load_error(tmp_path, text)
+
+
+def test_an_uninstalled_logger_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    message = load_error(tmp_path, MINIMAL + "train: {report_to: [tensorboard, wandb]}\n")
+    assert message.endswith("train.report_to: wandb is not installed (pip install 'lmdiff-ft[loggers]')")
+
+
+def test_several_sources_resolve_and_round_trip(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = SOURCES + "  format: prompt_completion\n  fields: {prompt: q}\n"
+    task = load_task(write_task(tmp_path, text))
+    first, second = task.data.train
+    assert first.path == str(tmp_path / "a.jsonl") and first.format is None and first.fields is None
+    assert (second.format, second.fields, second.weight) == ("sharegpt", {"conversations": "conversations"}, 1.0)
+    again = load_task(write_task(tmp_path, task.to_yaml(), "resolved.yaml"))
+    assert again.data == task.data
+
+
 def test_base_forms(tmp_path):
     model = tmp_path / "models" / "tiny-llama"
     model.mkdir(parents=True)

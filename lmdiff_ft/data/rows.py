@@ -4,16 +4,18 @@ Every row is checked, and a bad one is reported by file and 1-based row number (
 eval split), so a data bug fails before training instead of being trained on.
 """
 
+import dataclasses
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from ..errors import UserError
 from ..schema.load import check_preference
-from ..schema.task import Task, template_fields
-from .sources import ROW_COLUMN, load_splits, source_name
+from ..schema.task import DataSource, Task, template_fields
+from .sources import ROW_COLUMN, SOURCE_COLUMN, Part, load_parts, load_splits, source_name
 
 REFERENCE_COLUMN = "reference"  # the answer text, kept for generation metrics; TRL ignores the column
 ROLES = ("system", "user", "assistant")
@@ -21,13 +23,69 @@ Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 
 
 def prepare_rows(task: Task) -> tuple[Dataset, Dataset]:
-    """TRL-ready SFT train/eval rows; each keeps its source row number for error messages."""
-    train_raw, eval_raw = load_splits(task)
-    rows = []
-    for raw, role in ((train_raw, "train"), (eval_raw, "eval")):
-        converted = to_sft_rows(raw, task, source_name(task, role))
-        rows.append(converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]))
-    return rows[0], rows[1]
+    """TRL-ready SFT train/eval rows; each keeps its source row number for error messages (and, from several
+    sources, the source's name in SOURCE_COLUMN). Several train sources are mixed as their weights say."""
+    parts, eval_parts = load_parts(task)
+    if len(parts) == 1 and len(eval_parts) <= 1:
+        (part,) = parts
+        evaluation = eval_parts[0].train if eval_parts else part.eval
+        rows = []
+        for raw, role in ((part.train, "train"), (evaluation, "eval")):
+            converted = to_sft_rows(raw, task, source_name(task, role))
+            rows.append(converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]))
+        return rows[0], rows[1]
+    train = [_part_rows(part, part.train, task) for part in parts]
+    held_out = [_part_rows(part, part.eval, task) for part in parts if part.eval is not None]
+    held_out += [_part_rows(part, part.train, task) for part in eval_parts]
+    train = mix(train, [part.source.weight for part in parts], task.train.seed)
+    return _concatenated(train), _concatenated(held_out)
+
+
+def _part_rows(part: Part, raw: Dataset, task: Task) -> Dataset:
+    converted = to_sft_rows(raw, source_task(task, part.source), part.name)
+    return converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]).add_column(SOURCE_COLUMN, [part.name] * len(raw))
+
+
+def source_task(task: Task, source: DataSource) -> Task:
+    """The task as one source sees it: the source's own format and field mapping where it names them."""
+    if source.format is None:
+        return task
+    data = dataclasses.replace(task.data, format=source.format, fields=source.fields)
+    return dataclasses.replace(task, data=data)
+
+
+def mix(parts: list[Dataset], weights: list[float | None], seed: int) -> list[Dataset]:
+    """Without weights, every row of every source once. With weights, the mix keeps as many rows as the sources
+    have together, source i's share being weight_i / sum: a seeded sample of its rows, repeated in a seeded
+    order where its share is more rows than it has. The same seed, the same rows."""
+    if all(weight is None for weight in weights):
+        return parts
+    weights = [1.0 if weight is None else weight for weight in weights]
+    total = sum(len(part) for part in parts)
+    rng = random.Random(seed)
+    chosen = []
+    for part, weight in zip(parts, weights, strict=True):
+        count = max(1, round(total * weight / sum(weights)))
+        order = []
+        while len(order) < count:
+            order += rng.sample(range(len(part)), len(part))
+        chosen.append(part.select(order[:count]))
+    return chosen
+
+
+def _concatenated(parts: list[Dataset]) -> Dataset:
+    """One dataset of the parts' rows; prompt/completion rows become messages when they meet messages rows (TRL
+    takes one kind per dataset), which then train on the assistant turns: the completion, as before."""
+    if any("messages" in part.column_names for part in parts):
+        parts = [
+            part if "messages" in part.column_names else part.map(_as_messages, remove_columns=["prompt", "completion"])
+            for part in parts
+        ]
+    return concatenate_datasets(parts)
+
+
+def _as_messages(row: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": row["prompt"] + row["completion"]}
 
 
 def prepare_pairs(task: Task) -> tuple[Dataset, Dataset]:
@@ -48,6 +106,11 @@ def to_sft_rows(dataset: Dataset, task: Task, source_name: str) -> Dataset:
     if data_format == "messages":
         _require_columns(dataset, {task.data.column("messages"): "mapped by data.fields.messages"}, source_name)
         convert = _messages_row
+    elif data_format == "sharegpt":
+        _require_columns(
+            dataset, {task.data.column("conversations"): "mapped by data.fields.conversations"}, source_name
+        )
+        convert = _sharegpt_row
     elif data_format == "text":
         _require_columns(dataset, {task.data.column("text"): "mapped by data.fields.text"}, source_name)
         convert = _text_row
@@ -77,8 +140,9 @@ def wrapped_prompt(text: str, task: Task) -> Prompt:
 
 def user_texts(dataset: Dataset, task: Task, source_name: str) -> list[str]:
     """Each row's user text, before the system text and the chat format wrap it: what a person would type."""
-    if task.data.format == "messages":
-        turns = (_messages_row(row, task)["messages"] for row in _rows(dataset, source_name))
+    if task.data.format in ("messages", "sharegpt"):
+        convert = _messages_row if task.data.format == "messages" else _sharegpt_row
+        turns = (convert(row, task)["messages"] for row in _rows(dataset, source_name))
         return [[m for m in messages if m["role"] == "user"][-1]["content"] for messages in turns]
     return [_prompt_text(row, task) for row in _rows(dataset, source_name)]
 
@@ -196,6 +260,34 @@ def _messages_row(row: _Row, task: Task) -> dict[str, Any]:
     if not isinstance(messages, list):
         raise row.error(f"field '{column}' must be a list of {{role, content}} messages, got {type(messages).__name__}")
     checked = [_checked_message(row, column, index, message) for index, message in enumerate(messages)]
+    return _conversation_row(row, column, checked, task)
+
+
+def _sharegpt_row(row: _Row, task: Task) -> dict[str, Any]:
+    """ShareGPT's `conversations: [{from, value}]`, its `from` names mapped to roles by data.sharegpt_roles."""
+    column = task.data.column("conversations")
+    turns = row.values.get(column)
+    if turns is None:
+        raise row.error(f"missing field '{column}' (mapped by data.fields.conversations)")
+    if not isinstance(turns, list):
+        raise row.error(f"field '{column}' must be a list of {{from, value}} turns, got {type(turns).__name__}")
+    roles = {name: role for role in ROLES for name in getattr(task.data.sharegpt_roles, role)}
+    checked = []
+    for index, turn in enumerate(turns):
+        where = f"{column}[{index}]"
+        if not isinstance(turn, dict):
+            raise row.error(f"{where}: expected a {{from, value}} mapping, got {type(turn).__name__}")
+        if turn.get("from") not in roles:
+            known = ", ".join(roles)
+            raise row.error(f"{where}: 'from' must be one of {known} (data.sharegpt_roles), got {turn.get('from')!r}")
+        checked.append(
+            _checked_message(row, column, index, {"role": roles[turn["from"]], "content": turn.get("value")})
+        )
+    return _conversation_row(row, column, checked, task)
+
+
+def _conversation_row(row: _Row, column: str, checked: list[dict[str, str]], task: Task) -> dict[str, Any]:
+    """Checked chat messages as a messages row: the task's system text first, a user turn, the answer last."""
     if task.template.system and (not checked or checked[0]["role"] != "system"):
         checked.insert(0, _message("system", task.template.system))
     if not checked or checked[-1]["role"] != "assistant":

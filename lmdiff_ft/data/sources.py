@@ -3,6 +3,7 @@ eval rows, each row numbered as in its source so that errors can name it."""
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -12,6 +13,7 @@ from ..schema.load import local_path
 from ..schema.task import DataSource, Task
 
 ROW_COLUMN = "__row__"  # 1-based row number in the source, added by load_source, dropped by to_*_rows
+SOURCE_COLUMN = "__source__"  # with several sources: the source a prepared row came from
 SPLIT_SEED = 0  # fixed, so every run of a task (whatever train.seed) evaluates on the same rows
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -19,13 +21,51 @@ SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 def source_name(task: Task, role: str) -> str:
     """Where the rows of `role` ('train' or 'eval') come from, as error messages name it."""
-    source = task.data.eval if role == "eval" and task.data.eval is not None else task.data.train
-    return _display(source.path)
+    sources = task.data.sources("eval") if role == "eval" and task.data.eval is not None else task.data.sources("train")
+    return " + ".join(_display(source.path) for source in sources)
 
 
-def load_source(source: DataSource, role: str) -> Dataset:
-    """Load one data source (`data.<role>`), with its 1-based row numbers in ROW_COLUMN."""
-    key = f"data.{role}"
+@dataclass
+class Part:
+    """One source's rows: its train rows (after its max_samples) and, without data.eval, its held-out rows."""
+
+    key: str  # data.train, or data.train[1] in a list
+    source: DataSource
+    train: Dataset
+    eval: Dataset | None
+
+    @property
+    def name(self) -> str:
+        return _display(self.source.path)
+
+
+def load_parts(task: Task) -> tuple[list[Part], list[Part]]:
+    """Every train source (each split into train and eval rows when there is no data.eval) and every eval source.
+    Each source is split on its own, so a mix never trains on another source's held-out rows."""
+    many = isinstance(task.data.train, list)
+    parts = []
+    for index, source in enumerate(task.data.sources("train")):
+        key = f"data.train[{index}]" if many else "data.train"
+        rows = load_source(source, "train", key)
+        held_out = None
+        if task.data.eval is None:
+            rows, held_out = _split(rows, task, source)
+        limit = source.max_samples if source.max_samples is not None else task.data.max_samples
+        if limit is not None:
+            rows = rows.select(range(min(len(rows), limit)))
+        parts.append(Part(key, source, rows, held_out))
+    eval_many = isinstance(task.data.eval, list)
+    eval_parts = [
+        Part(key, source, load_source(source, "eval", key), None)
+        for index, source in enumerate(task.data.sources("eval"))
+        for key in [f"data.eval[{index}]" if eval_many else "data.eval"]
+    ]
+    return parts, eval_parts
+
+
+def load_source(source: DataSource, role: str, key: str | None = None) -> Dataset:
+    """Load one data source (`data.<role>`, or the `key` of one of several), with 1-based row numbers in ROW_COLUMN."""
+    key = key or f"data.{role}"
     path = local_path(source.path, Path.cwd(), data_file=True)
     if path is None:
         dataset = _load_hub(source, key)
@@ -42,14 +82,11 @@ def load_source(source: DataSource, role: str) -> Dataset:
 
 def load_splits(task: Task) -> tuple[Dataset, Dataset]:
     """Train and eval rows; without `data.eval`, a seeded `data.eval_fraction` of the train rows; then max_samples."""
-    train = load_source(task.data.train, "train")
-    if task.data.eval is not None:
-        evaluation = load_source(task.data.eval, "eval")
-    else:
-        train, evaluation = _split(train, task)
-    if task.data.max_samples is not None:
-        train = train.select(range(min(len(train), task.data.max_samples)))
-    return train, evaluation
+    parts, eval_parts = load_parts(task)
+    if len(parts) > 1 or len(eval_parts) > 1:
+        raise UserError(f"{source_name(task, 'train')}: several sources; their rows are read by prepare_rows")
+    (part,) = parts
+    return part.train, eval_parts[0].train if eval_parts else part.eval
 
 
 def _load_file(path: Path, source: DataSource, key: str) -> Dataset:
@@ -114,11 +151,11 @@ def _load_hub(source: DataSource, key: str) -> Dataset:
         ) from exc
 
 
-def _split(train: Dataset, task: Task) -> tuple[Dataset, Dataset]:
+def _split(train: Dataset, task: Task, source: DataSource) -> tuple[Dataset, Dataset]:
     fraction = task.data.eval_fraction
     if len(train) - math.ceil(fraction * len(train)) < 1:
         raise UserError(
-            f"{_display(task.data.train.path)}: {len(train)} row(s) are too few to hold out "
+            f"{_display(source.path)}: {len(train)} row(s) are too few to hold out "
             f"data.eval_fraction={fraction} for evaluation; add rows or give data.eval"
         )
     parts = train.train_test_split(test_size=fraction, seed=SPLIT_SEED)

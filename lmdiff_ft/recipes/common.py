@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import get_int_from_env
 from rich.console import Console
-from transformers import set_seed
+from transformers import EarlyStoppingCallback, set_seed
 from trl import SFTConfig
 
 from ..adapters.known_base import base_info, load_adapter, write_base_info
@@ -36,7 +36,7 @@ from ..integrations.accelerate import (
 from ..integrations.bitsandbytes import keep_4bit_layout_trainable
 from ..integrations.transformers import tensorboard_logs_in
 from ..integrations.trl import score_labelled_positions_only, trainable_parameters_frozen
-from ..outputs import publish_run
+from ..outputs import publish_run, push_run
 from ..schema.task import Task
 
 BEFORE_FILE = "metrics_before.json"  # written at the start of a fresh run, read back on --resume
@@ -153,9 +153,22 @@ def model_with_adapters(base: LoadedBase, task: Task, gradient_checkpointing: bo
 def training_arguments(
     task: Task, out: Path, base: LoadedBase, gradient_checkpointing: bool, config_class=SFTConfig, **extra
 ):
-    """The task's `train` section, 1:1, as TRL/transformers arguments."""
+    """The task's `train` section, 1:1, as TRL/transformers arguments, with `train.extra_args` (names the task
+    does not set: schema/load.py refuses the others) and the recipe's own (`extra`)."""
+    arguments = trainer_arguments(task, out, base, gradient_checkpointing)
+    return config_class(**arguments, **task.train.extra_args, **extra)
+
+
+def eval_strategy(task: Task) -> str:
+    """`train.eval_strategy`, or by default: every `eval_steps` when set, else no evaluation during training."""
+    return task.train.eval_strategy or ("steps" if task.train.eval_steps else "no")
+
+
+def trainer_arguments(task: Task, out: Path, base: LoadedBase, gradient_checkpointing: bool) -> dict:
+    """The arguments the task sets (schema/task.py OWNED_TRAINER_ARGUMENTS names each one's key)."""
     t = task.train
-    return config_class(
+    strategy = eval_strategy(task)
+    return dict(
         output_dir=str(out),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -173,20 +186,38 @@ def training_arguments(
         logging_first_step=True,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if t.eval_steps else "no",
+        eval_strategy=strategy,
         eval_steps=t.eval_steps,
+        # the best checkpoint needs one saved at each evaluation (load.py: save_steps a multiple of eval_steps)
+        save_strategy="epoch" if strategy == "epoch" and t.load_best_model_at_end else "steps",
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=f"eval_{t.metric_for_best_model}",
+        greater_is_better=False,
         activation_checkpointing=gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         optim=t.optim,
         bf16=base.dtype == torch.bfloat16,
         fp16=base.dtype == torch.float16,
-        report_to=["tensorboard"],
+        report_to=list(t.report_to),
         dataloader_num_workers=0,
         # train where the base was loaded. On a machine without GPUs accelerate starts a (gloo) process group only
         # for a CPU run: without this, `accelerate launch --multi_gpu`/torchrun ranks would each train on all data
         use_cpu=default_device().type == "cpu",
-        **extra,
     )
+
+
+def add_training_callbacks(trainer, task: Task) -> None:
+    """Early stopping: after `early_stopping_patience` evaluations without a better eval metric."""
+    if task.train.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=task.train.early_stopping_patience))
+
+
+def best_checkpoint(state) -> dict:
+    """Which checkpoint the published adapter is, when `train.load_best_model_at_end` picked the best one."""
+    if state.best_model_checkpoint is None:
+        return {}
+    step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+    return {"best_checkpoint": {"step": step, "metric": state.best_metric}}
 
 
 def load_model(task: Task, console: Console, sequences_per_row: int = 1) -> tuple[LoadedBase, torch.nn.Module, bool]:
@@ -277,6 +308,7 @@ def train_and_publish(
         "trainable_parameters": trainable,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "eval_curve": eval_curve(before, trainer.state.log_history),
+        **(best_checkpoint(trainer.state) if task.train.load_best_model_at_end else {}),
         "samples": samples,
     }
     summary = {
@@ -304,4 +336,6 @@ def train_and_publish(
     out = Path(task.output_dir)
     publish_run(out, write)
     console.print(f"wrote {out}")
+    if task.train.push_to_hub:
+        console.print(push_run(out, task.train.hub_model_id, task.train.hub_private))
     return metrics

@@ -27,6 +27,7 @@ from ..integrations.trl import reference_model
 from ..schema.load import load_task
 from ..schema.task import Task
 from .common import (
+    add_training_callbacks,
     is_main_process,
     load_model,
     metrics_before,
@@ -78,6 +79,7 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
             eval_dataset=eval_pairs,
             processing_class=tokenizer,
         )
+    add_training_callbacks(trainer, task)
 
     # 5-8. evaluate before, train, evaluate after, publish
     def evaluate():

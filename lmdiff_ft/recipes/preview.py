@@ -1,6 +1,7 @@
 """What a training run shows before it trains: exactly which tokens the loss sees (SFT), and the rendered pairs
 (DPO). Silent masking bugs are the top complaint about SFT tools."""
 
+from collections import Counter
 from collections.abc import Iterator
 
 from datasets import Dataset
@@ -8,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from ..data.sources import SOURCE_COLUMN
 from ..evaluation.likelihood import completion_token_ids
 
 IGNORE_INDEX = -100
@@ -64,3 +66,13 @@ def print_pair_preview(rows: Dataset, tokenizer, console: Console) -> None:
         f"train split: {len(counts)} pairs, tokens prompt {totals[0]:,} / chosen {totals[1]:,} / rejected "
         f"{totals[2]:,}; longest pair {longest} tokens"
     )
+
+
+def print_mix(train_rows: Dataset, eval_rows: Dataset, console: Console) -> None:
+    """With several sources: how many train and eval rows each one gives (weights repeat or drop rows)."""
+    if SOURCE_COLUMN not in train_rows.column_names:
+        return
+    train, held_out = Counter(train_rows[SOURCE_COLUMN]), Counter(eval_rows[SOURCE_COLUMN])
+    for name in dict.fromkeys(train_rows[SOURCE_COLUMN] + eval_rows[SOURCE_COLUMN]):
+        share = 100 * train[name] / len(train_rows)
+        console.print(f"  {name}: {train[name]} train rows ({share:.0f}% of the mix), {held_out[name]} eval rows")

@@ -20,13 +20,14 @@ from rich.console import Console
 from trl import SFTTrainer
 
 from ..data.rows import prepare_rows
-from ..data.sources import ROW_COLUMN, source_name
+from ..data.sources import ROW_COLUMN, SOURCE_COLUMN, source_name
 from ..errors import UserError
 from ..evaluation.generation import generation_metrics
 from ..evaluation.likelihood import loss_metrics
 from ..evaluation.retention import retention_metrics
 from ..schema.task import Task
 from .common import (
+    add_training_callbacks,
     is_main_process,
     load_model,
     metrics_before,
@@ -35,7 +36,7 @@ from .common import (
     trainer_construction,
     training_arguments,
 )
-from .preview import packed_examples, print_label_preview
+from .preview import packed_examples, print_label_preview, print_mix
 
 
 def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None, console: Console | None = None):
@@ -43,6 +44,7 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     console, out, checkpoint = start_run(task, resume, console, dry_run)
     train_rows, eval_rows = prepare_rows(task)
     console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({task.data.format})")
+    print_mix(train_rows, eval_rows, console)
 
     # 3. the base and its adapters
     base, model, checkpointing = load_model(task, console)
@@ -58,7 +60,9 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
                 trainer_dir,
                 base,
                 checkpointing,
-                assistant_only_loss=task.data.format == "messages",
+                # train on the answers (assistant turns, completions) only, unless train_on_inputs
+                assistant_only_loss="messages" in train_rows.column_names and not task.train.train_on_inputs,
+                completion_only_loss=False if task.train.train_on_inputs else None,
                 # best-fit packing, padding-free: one row of whole examples whose position_ids restart at 0,
                 # which LM-Diff's attention, means and conv all honour (no example sees another)
                 packing=task.train.packing,
@@ -67,6 +71,7 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
             eval_dataset=eval_rows,
             processing_class=tokenizer,
         )
+    add_training_callbacks(trainer, task)
     check_trained_tokens(trainer.train_dataset, train_rows, "train", task)
     check_trained_tokens(trainer.eval_dataset, eval_rows, "eval", task)
     if is_main_process():
@@ -103,12 +108,15 @@ def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task
                 "(the same command with train.packing=false --dry-run names the rows)"
             )
         return
-    kept = set(prepared[ROW_COLUMN])
-    lost = [r for r in rows[ROW_COLUMN] if r not in kept]
+    several = SOURCE_COLUMN in rows.column_names  # rows from several sources: name each row's source
+    sources = (lambda d: d[SOURCE_COLUMN]) if several else (lambda d: [source_name(task, role)] * len(d))
+    kept = set(zip(sources(prepared), prepared[ROW_COLUMN], strict=True))
+    lost = list(dict.fromkeys(r for r in zip(sources(rows), rows[ROW_COLUMN], strict=True) if r not in kept))
     if lost:
-        shown = ", ".join(map(str, lost[:10])) + (" …" if len(lost) > 10 else "")
+        where = lost[0][0]
+        shown = ", ".join(str(n) for s, n in lost[:10] if s == where) + (" …" if len(lost) > 10 else "")
         raise UserError(
-            f"{source_name(task, role)}: row {shown}: no answer token left to train on after truncation to "
+            f"{where}: row {shown}: no answer token left to train on after truncation to "
             f"train.max_length={task.train.max_length} ({len(lost)} of {len(rows)} rows); raise max_length"
         )
 

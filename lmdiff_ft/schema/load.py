@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import os
 import types
 import typing
@@ -22,6 +23,7 @@ from .task import (
     ANSWER_FIELDS,
     DATA_SUFFIXES,
     HUB_ID,
+    OWNED_TRAINER_ARGUMENTS,
     PROMPT_FIELDS,
     BaseConfig,
     DataConfig,
@@ -35,8 +37,6 @@ from .task import (
 
 class _Invalid(Exception):
     """A mistake found while validating; `load_task` prefixes the file name and raises UserError."""
-
-
 
 
 def load_task(path: str | Path, overrides: Sequence[str] = ()) -> Task:
@@ -135,15 +135,26 @@ def _convert(value: Any, hint: Any, metadata: typing.Mapping, key: str) -> Any:
         except ValueError as exc:
             raise _Invalid(f"{key}: {exc}") from None
     if "shorthand" in metadata:
-        if isinstance(value, str):
-            value = {metadata["shorthand"]: value}
-        elif value is not None and not isinstance(value, dict):
-            raise _Invalid(f"{key}: expected a string or a mapping with '{metadata['shorthand']}', got {_show(value)}")
+        value = _expand_shorthand(
+            value, metadata["shorthand"], key, many=any(get_origin(m) is list for m in get_args(hint))
+        )
     value = _coerce(value, hint, key)
     if "check" in metadata and value is not None:
         predicate, expected = metadata["check"]
         if not predicate(value):
             raise _Invalid(f"{key}: expected {_describe(_non_null(hint))} {expected}, got {_show(value)}")
+    return value
+
+
+def _expand_shorthand(value: Any, name: str, key: str, many: bool) -> Any:
+    """A plain string stands for {name: string}; where the key also takes a list, so does each list item."""
+    if isinstance(value, str):
+        return {name: value}
+    if many and isinstance(value, list):
+        return [_expand_shorthand(item, name, f"{key}[{i}]", many=False) for i, item in enumerate(value)]
+    if value is not None and not isinstance(value, dict):
+        expected = f"a string or a mapping with '{name}'" + (", or a list of them" if many else "")
+        raise _Invalid(f"{key}: expected {expected}, got {_show(value)}")
     return value
 
 
@@ -156,10 +167,15 @@ def _coerce(value: Any, hint: Any, key: str, nullable: bool = False) -> Any:
             return None
         if len(members) == 1:
             return _coerce(value, members[0], key, nullable=True)
+        lists = [m for m in members if get_origin(m) is list]
+        if isinstance(value, list) and lists:  # `Source | list[Source]`: a list's own errors name its item
+            return _coerce(value, lists[0], key)
         for member in members:  # `bool | Literal["auto"]`: the first member that takes the value
             with contextlib.suppress(_Invalid):
                 return _coerce(value, member, key)
         raise _Invalid(f"{key}: expected {_describe(hint)}, got {_show(value)}")
+    if hint is Any:  # train.extra_args: checked against the trainer's config (_check_extra_args)
+        return value
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if origin is list:
@@ -187,8 +203,16 @@ def _non_null(hint: Any) -> Any:
     """`X | None` → X; any other hint (`X | Y` included) unchanged."""
     if get_origin(hint) in (types.UnionType, typing.Union):
         members = [a for a in get_args(hint) if a is not type(None)]
-        return members[0] if len(members) == 1 else hint
+        return members[0] if len(members) == 1 else _section(members) or hint
     return hint
+
+
+def _section(members: list) -> Any:
+    """`Source | list[Source]` → Source: a key that is one section or a list of them is described as the section."""
+    sections = [m for m in members if dataclasses.is_dataclass(m)]
+    if len(sections) == 1 and all(m in sections or get_args(m) == (sections[0],) for m in members):
+        return sections[0]
+    return None
 
 
 def _describe(hint: Any) -> str:
@@ -291,8 +315,8 @@ def _absolute(text: str, base_dir: Path) -> Path:
 
 def _resolve_paths(task: Task, task_dir: Path) -> None:
     _resolve_base(task.base, task_dir)
-    for source in (task.data.train, task.data.eval):
-        if source is not None and (path := local_path(source.path, task_dir, data_file=True)) is not None:
+    for source in task.data.sources("train") + task.data.sources("eval"):
+        if (path := local_path(source.path, task_dir, data_file=True)) is not None:
             source.path = str(path)
     if task.eval.retention is not None:
         path = _absolute(task.eval.retention, task_dir)
@@ -354,33 +378,79 @@ def _resolve_base(base: BaseConfig, task_dir: Path) -> None:
 
 def _check_task(task: Task) -> None:
     _check_fields(task.data)
+    _check_sources(task.data)
     _check_template(task)
     _check_leak(task)
     _check_optim(task.train.optim)
+    _check_train(task)
     if task.preference is not None:
         _check_preference(task)
 
 
 def _check_fields(data: DataConfig) -> None:
-    """Only the format's canonical names may be mapped; fill the rest with themselves."""
-    allowed = canonical_fields(data.format)
-    for name in data.fields:
+    """Only the format's canonical names may be mapped; fill the rest with themselves. A source of several that
+    names its own format or fields gets both resolved (its fields default to data.fields for the same format)."""
+    data.fields = _filled_fields(data.fields, data.format, "data")
+    for key, source in _keyed_sources(data):
+        if source.format is not None or source.fields is not None:
+            source.format = source.format or data.format
+            inherited = data.fields if source.format == data.format else {}
+            given = inherited if source.fields is None else source.fields
+            source.fields = _filled_fields(given, source.format, key)
+
+
+def _filled_fields(fields: dict[str, str], data_format: str, key: str) -> dict[str, str]:
+    allowed = canonical_fields(data_format)
+    for name in fields:
         if name not in allowed:
             raise _Invalid(
-                f"unknown key 'data.fields.{name}'{_suggest(name, allowed)}: data.format '{data.format}' maps "
+                f"unknown key '{key}.fields.{name}'{_suggest(name, allowed)}: {key}.format '{data_format}' maps "
                 f"{', '.join(allowed)} (each to a column name)"
             )
-    data.fields = {name: data.fields.get(name, name) for name in allowed}
+    return {name: fields.get(name, name) for name in allowed}
+
+
+def _keyed_sources(data: DataConfig) -> list[tuple[str, Any]]:
+    """Every source with its dotted key: data.train, or data.train[1] in a list."""
+    keyed = []
+    for role in ("train", "eval"):
+        many = isinstance(getattr(data, role), list)
+        keyed += [(f"data.{role}[{i}]" if many else f"data.{role}", s) for i, s in enumerate(data.sources(role))]
+    return keyed
+
+
+def _check_sources(data: DataConfig) -> None:
+    """`text` rows (no prompt, no answer) mix with no other format; weights are for a list of train sources."""
+    formats = {key: source.format or data.format for key, source in _keyed_sources(data)}
+    if "text" in formats.values() and len(set(formats.values())) > 1:
+        key = next(k for k, f in formats.items() if f == "text")
+        others = ", ".join(sorted(set(formats.values()) - {"text"}))
+        raise _Invalid(f"{key}.format: 'text' rows cannot be mixed with other formats ({others})")
+    for key, source in _keyed_sources(data):
+        if source.weight is not None and not (key.startswith("data.train[")):
+            raise _Invalid(f"{key}.weight: weights mix several train sources (data.train as a list); remove it")
+
+
+def used_formats(task: Task) -> set[str]:
+    """The data formats of every source of the task."""
+    return {source.format or task.data.format for _, source in _keyed_sources(task.data)}
 
 
 def _check_template(task: Task) -> None:
-    template, data_format = task.template, task.data.format
-    if data_format == "messages" and not template.chat:
-        raise _Invalid("template.chat: data.format 'messages' needs chat: true (the chat template renders messages)")
-    unused = {"messages": ("prompt", "completion"), "text": ("system", "prompt", "completion")}.get(data_format, ())
-    for name in unused:
-        if getattr(template, name) is not None:
-            raise _Invalid(f"template.{name}: not used with data.format '{data_format}'; remove it")
+    template, formats = task.template, used_formats(task)
+    for chat_format in sorted(formats & {"messages", "sharegpt"}):
+        if not template.chat:
+            raise _Invalid(
+                f"template.chat: data.format '{chat_format}' needs chat: true (the chat template renders messages)"
+            )
+    unused = {
+        "messages": ("prompt", "completion"), "sharegpt": ("prompt", "completion"),
+        "text": ("system", "prompt", "completion"),
+    }  # fmt: skip
+    for name in ("system", "prompt", "completion"):
+        if getattr(template, name) is not None and all(name in unused.get(f, ()) for f in formats):
+            shown = "' and '".join(sorted(formats))
+            raise _Invalid(f"template.{name}: not used with data.format '{shown}'; remove it")
     for name in ("prompt", "completion"):
         try:
             template_fields(getattr(template, name) or "")
@@ -405,6 +475,45 @@ def _check_leak(task: Task) -> None:
             )
 
 
+def _check_train(task: Task) -> None:
+    t = task.train
+    for logger in t.report_to:
+        if importlib.util.find_spec(logger) is None:
+            raise _Invalid(f"train.report_to: {logger} is not installed (pip install 'lmdiff-ft[loggers]')")
+    strategy = t.eval_strategy or ("steps" if t.eval_steps else "no")
+    if strategy == "steps" and not t.eval_steps:
+        raise _Invalid("train.eval_strategy: 'steps' needs train.eval_steps (evaluate every N steps)")
+    if (t.load_best_model_at_end or t.early_stopping_patience) and strategy == "no":
+        key = "load_best_model_at_end" if t.load_best_model_at_end else "early_stopping_patience"
+        raise _Invalid(
+            f"train.{key}: needs evaluation during training (train.eval_steps or train.eval_strategy: epoch)"
+        )
+    if t.early_stopping_patience and not t.load_best_model_at_end:
+        raise _Invalid("train.early_stopping_patience: needs train.load_best_model_at_end: true (the best checkpoint)")
+    if t.load_best_model_at_end and strategy == "steps" and t.save_steps % t.eval_steps:
+        raise _Invalid(
+            f"train.save_steps: with load_best_model_at_end, expected a multiple of train.eval_steps "
+            f"({t.eval_steps}), got {t.save_steps}"
+        )
+    if t.push_to_hub and (t.hub_model_id is None or not HUB_ID.fullmatch(t.hub_model_id)):
+        raise _Invalid(f"train.hub_model_id: push_to_hub needs a Hub repo id 'org/name', got {_show(t.hub_model_id)}")
+    _check_extra_args(t.extra_args, dpo=task.preference is not None)
+
+
+def _check_extra_args(extra_args: dict[str, Any], dpo: bool) -> None:
+    """Names the TRL config has and the task does not set elsewhere."""
+    from trl import DPOConfig, SFTConfig  # here: trl takes seconds to import
+
+    names = [f.name for f in dataclasses.fields(DPOConfig if dpo else SFTConfig) if f.init]
+    for name in extra_args:
+        if name in OWNED_TRAINER_ARGUMENTS:
+            raise _Invalid(f"train.extra_args.{name}: set by {OWNED_TRAINER_ARGUMENTS[name]}; set it there")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise _Invalid(f"train.extra_args.{name}: not an argument of TRL's {'DPO' if dpo else 'SFT'}Config{hint}")
+
+
 def _check_optim(optim: str) -> None:
     from transformers.training_args import OptimizerNames  # here: transformers takes seconds to import
 
@@ -414,10 +523,10 @@ def _check_optim(optim: str) -> None:
 
 
 def _check_preference(task: Task) -> None:
-    if task.data.format != "prompt_completion":
+    if used_formats(task) != {"prompt_completion"}:
         raise _Invalid(
             f"data.format: preference (DPO) data needs 'prompt_completion' (prompt, chosen and rejected columns), "
-            f"got {task.data.format!r}"
+            f"got {' and '.join(repr(f) for f in sorted(used_formats(task)))}"
         )
     if task.template.completion is not None:
         raise _Invalid("template.completion: not used by preference data (chosen and rejected are used as they are)")

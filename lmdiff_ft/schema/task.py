@@ -22,7 +22,8 @@ Quantization = Literal["auto", "nf4", "fp4", "int8", "none"]  # auto: nf4 where 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: fp32 on CPU, bf16 (else fp16) on GPUs
 # The adapter presets (lmdiff_ft/adapters/presets.py says what each one trains)
 PresetName = Literal["diff_attn", "attn", "lambda", "se_gate", "mlp", "adaptive_norm", "token_mixing", "all"]
-DataFormat = Literal["messages", "prompt_completion", "alpaca", "text"]
+DataFormat = Literal["messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+Logger = Literal["tensorboard", "wandb", "mlflow"]  # train.report_to; each but tensorboard is an optional extra
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Metric = Literal["loss", "perplexity", "exact_match", "f1", "rouge_l", "accuracy", "preference_accuracy"]
 # Every loss type TRL 1.16's DPOConfig accepts (trl/trainer/dpo_config.py, `loss_type`).
@@ -38,6 +39,7 @@ DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical column names per data format; `data.fields` maps them to the dataset's own column names.
 FORMAT_FIELDS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
     "text": ("text",),
@@ -45,6 +47,25 @@ FORMAT_FIELDS = {
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 ANSWER_FIELDS = ("completion", "output", "chosen", "rejected")
 PROMPT_FIELDS = ("prompt", "instruction", "input")
+# The TRL config arguments the task sets (recipes/common.py `trainer_arguments`), each with the key that owns it:
+# `train.extra_args` may not set them (one source per setting).
+OWNED_TRAINER_ARGUMENTS = {
+    "output_dir": "output_dir", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+    "learning_rate": "train.lr", "lr_scheduler_type": "train.lr_scheduler", "warmup_steps": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay", "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "max_length": "train.max_length", "seed": "train.seed", "data_seed": "train.seed",
+    "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit", "eval_strategy": "train.eval_strategy",
+    "eval_steps": "train.eval_steps", "save_strategy": "train.eval_strategy",
+    "load_best_model_at_end": "train.load_best_model_at_end", "metric_for_best_model": "train.metric_for_best_model",
+    "greater_is_better": "train.metric_for_best_model", "activation_checkpointing": "train.gradient_checkpointing",
+    "gradient_checkpointing": "train.gradient_checkpointing", "optim": "train.optim", "bf16": "dtype",
+    "fp16": "dtype", "report_to": "train.report_to", "packing": "train.packing",
+    "assistant_only_loss": "train.train_on_inputs", "completion_only_loss": "train.train_on_inputs",
+    "push_to_hub": "train.push_to_hub", "hub_model_id": "train.hub_model_id", "hub_private_repo": "train.hub_private",
+    "beta": "preference.beta", "loss_type": "preference.loss_type", "loss_weights": "preference.loss_weights",
+}  # fmt: skip
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -59,6 +80,7 @@ NON_NEGATIVE = _check(lambda v: v >= 0, ">= 0")
 FRACTION = _check(lambda v: 0 <= v < 1, "in [0, 1)")
 NOT_EMPTY = _check(lambda v: len(v) > 0, "that is not empty")
 SHORTHAND_PATH = {"shorthand": "path"}  # a plain string stands for {path: <string>}
+SOURCES = SHORTHAND_PATH | _check(lambda v: not isinstance(v, list) or len(v) > 0, "that is not empty")
 
 
 def parse_layers(spec: str | int | list[int] | None) -> list[int] | None:
@@ -139,20 +161,41 @@ class DataSource:
     path: str = field(metadata=NOT_EMPTY)
     split: str = "train"
     name: str | None = None
+    # one of several sources (data.train as a list) may differ from data.format / data.fields; null: theirs
+    format: DataFormat | None = None
+    fields: dict[str, str] | None = None
+    weight: float | None = field(default=None, metadata=POSITIVE)  # share of the mixed train rows, relative
+    max_samples: int | None = field(default=None, metadata=POSITIVE)  # this source's rows, before the mix
+
+
+@dataclass(kw_only=True)
+class ShareGPTRoles:
+    """ShareGPT's `from` values → chat roles; datasets differ (`human`/`user`, `gpt`/`assistant`/`bot`)."""
+
+    system: list[str] = field(default_factory=lambda: ["system"], metadata=NOT_EMPTY)
+    user: list[str] = field(default_factory=lambda: ["human", "user"], metadata=NOT_EMPTY)
+    assistant: list[str] = field(default_factory=lambda: ["gpt", "assistant"], metadata=NOT_EMPTY)
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train: DataSource = field(metadata=SHORTHAND_PATH)
-    eval: DataSource | None = field(default=None, metadata=SHORTHAND_PATH)
+    # one source, or several mixed (each may be a plain path too)
+    train: DataSource | list[DataSource] = field(metadata=SOURCES)
+    eval: DataSource | list[DataSource] | None = field(default=None, metadata=SOURCES)
     eval_fraction: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
     format: DataFormat = "prompt_completion"
     fields: dict[str, str] = field(default_factory=dict)  # canonical name → column name
     max_samples: int | None = field(default=None, metadata=POSITIVE)
+    sharegpt_roles: ShareGPTRoles = field(default_factory=ShareGPTRoles)
 
     def column(self, canonical: str) -> str:
         """The dataset column that holds a canonical field (unmapped names are their own column)."""
         return self.fields.get(canonical, canonical)
+
+    def sources(self, role: str) -> list[DataSource]:
+        """`data.train` or `data.eval` as a list (empty for no eval source)."""
+        value = getattr(self, role)
+        return [] if value is None else value if isinstance(value, list) else [value]
 
 
 @dataclass(kw_only=True)
@@ -180,9 +223,20 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata=POSITIVE)
     save_steps: int = field(default=100, metadata=POSITIVE)
     eval_steps: int | None = field(default=None, metadata=POSITIVE)
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None  # null: steps when eval_steps is set, else no
+    load_best_model_at_end: bool = False  # publish the checkpoint with the best metric_for_best_model
+    metric_for_best_model: Literal["loss"] = "loss"  # the eval loss (lower is better)
+    early_stopping_patience: int | None = field(default=None, metadata=POSITIVE)  # evaluations without improvement
     save_total_limit: int | None = field(default=2, metadata=POSITIVE)
     gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on when a micro-batch's activations need it
     optim: str = "adamw_torch"
+    report_to: list[Logger] = field(default_factory=lambda: ["tensorboard"])
+    train_on_inputs: bool = False  # SFT: train on the prompt tokens too, not only on the answer
+    # any other SFTConfig/DPOConfig argument, e.g. {max_grad_norm: 0.3, neftune_noise_alpha: 5}
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    push_to_hub: bool = False  # upload the published run (adapter, card, metrics) to hub_model_id
+    hub_model_id: str | None = None  # 'org/name'
+    hub_private: bool = True
 
 
 @dataclass(kw_only=True)
@@ -266,4 +320,3 @@ class TaskDumper(yaml.SafeDumper):
 
 for _cls in (TaskLoader, TaskDumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
-
