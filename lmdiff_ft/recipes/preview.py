@@ -72,7 +72,8 @@ def print_mix(train_rows: Dataset, eval_rows: Dataset, console: Console) -> None
     """With several sources: how many train and eval rows each one gives (weights repeat or drop rows)."""
     if SOURCE_COLUMN not in train_rows.column_names:
         return
-    train, held_out = Counter(train_rows[SOURCE_COLUMN]), Counter(eval_rows[SOURCE_COLUMN])
-    for name in dict.fromkeys(train_rows[SOURCE_COLUMN] + eval_rows[SOURCE_COLUMN]):
+    train_names, eval_names = list(train_rows[SOURCE_COLUMN]), list(eval_rows[SOURCE_COLUMN])
+    train, held_out = Counter(train_names), Counter(eval_names)
+    for name in dict.fromkeys(train_names + eval_names):
         share = 100 * train[name] / len(train_rows)
         console.print(f"  {name}: {train[name]} train rows ({share:.0f}% of the mix), {held_out[name]} eval rows")

@@ -109,7 +109,7 @@ def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task
             )
         return
     several = SOURCE_COLUMN in rows.column_names  # rows from several sources: name each row's source
-    sources = (lambda d: d[SOURCE_COLUMN]) if several else (lambda d: [source_name(task, role)] * len(d))
+    sources = (lambda d: list(d[SOURCE_COLUMN])) if several else (lambda d: [source_name(task, role)] * len(d))
     kept = set(zip(sources(prepared), prepared[ROW_COLUMN], strict=True))
     lost = list(dict.fromkeys(r for r in zip(sources(rows), rows[ROW_COLUMN], strict=True) if r not in kept))
     if lost:
