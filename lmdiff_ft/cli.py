@@ -2,11 +2,12 @@
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import get_args
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
 from .serve.settings import DEFAULT_LIMITS, Limits
 
@@ -202,6 +203,11 @@ def is_override(value: object) -> bool:
     return isinstance(value, str) and "=" in value and not value.startswith("-") and not Path(value).exists()
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a stopped run: the same task and overrides, with --resume (the newest checkpoint)."""
+    return shlex.join(["lmdiff-ft", args.command, *([args.task] if args.task else []), *args.overrides, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
@@ -219,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"lmdiff-ft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # SIGTERM/SIGINT: a checkpoint was written; say how to continue
+        from .recipes.common import is_main_process
+
+        if is_main_process():
+            print(f"{exc}; continue with `{resume_command(args)}`", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"lmdiff-ft {args.command}: interrupted", file=sys.stderr)
         return 130
