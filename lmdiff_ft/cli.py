@@ -9,7 +9,7 @@ from typing import get_args
 
 from .errors import TrainingStopped, UserError
 from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
-from .serve.settings import DEFAULT_LIMITS, Limits
+from .serve.settings import DEFAULT_LIMITS, QUEUE_SIZE, Limits
 
 QUANTIZATIONS = list(get_args(Quantization))
 NAMED_BASES = " or ".join(repr(name) for name in get_args(NamedBase))
@@ -84,7 +84,9 @@ def cmd_app(args: argparse.Namespace) -> None:
     from .serve.app import serve
 
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
-    serve(args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits)
+    serve(
+        args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits, args.max_queue
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits = DEFAULT_LIMITS
     app.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on new tokens per column")
     app.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars, help="cap on the prompt's length")
+    app.add_argument(
+        "--max-queue", type=int, default=QUEUE_SIZE, help="requests that may wait; more are refused (queue full)"
+    )
     app.set_defaults(handler=cmd_app)
 
     env = commands.add_parser("env", help="versions, devices and whether 4-bit works here (for bug reports)")
