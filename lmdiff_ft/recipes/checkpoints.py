@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 
 from ..errors import UserError
 
-STATE = "trainer_state.json"
+STATE = TRAINER_STATE_NAME
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -48,7 +49,8 @@ def checkpoint_problem(directory: Path) -> str | None:
                 f.keys()
         except Exception as exc:  # safetensors raises its own error type for a truncated or garbled file
             return f"{path.name} is unreadable ({str(exc).splitlines()[0]})"
-    required = {"optimizer state": "optimizer*", "scheduler state": "scheduler.pt", "RNG state": "rng_state*.pth"}
+    # what the Trainer reads back (optimizer.pt, or FSDP's and others' optimizer* files), checked with transformers 5.24
+    required = {"optimizer state": "optimizer*", "scheduler state": SCHEDULER_NAME, "RNG state": "rng_state*.pth"}
     if deepspeed:
         required = {"RNG state": "rng_state*.pth"}
     for what, pattern in required.items():
