@@ -58,7 +58,7 @@ def checkpoint_problem(directory: Path) -> str | None:
         if not found:
             return f"no {what} ({pattern})"
         for path in found:
-            if path.suffix in (".pt", ".pth") and (problem := torch_file_problem(path)):
+            if path.suffix in (".pt", ".pth", ".bin") and (problem := torch_file_problem(path)):
                 return f"{path.name} {problem}"
     return None
 
