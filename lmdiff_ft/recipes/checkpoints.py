@@ -20,8 +20,6 @@ from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 
 from ..errors import UserError
 
-STATE = TRAINER_STATE_NAME
-
 
 def checkpoints(out: Path) -> list[Path]:
     """checkpoint-N directories, newest first."""
@@ -32,13 +30,13 @@ def checkpoints(out: Path) -> list[Path]:
 def checkpoint_problem(directory: Path) -> str | None:
     """Why `--resume` cannot continue from this checkpoint, in a few words; None when every part it needs loads."""
     try:
-        state = json.loads((directory / STATE).read_text())
+        state = json.loads((directory / TRAINER_STATE_NAME).read_text())
     except FileNotFoundError:
-        return f"no {STATE} (cut short while it was written)"
+        return f"no {TRAINER_STATE_NAME} (cut short while it was written)"
     except (OSError, ValueError):
-        return f"{STATE} is not valid JSON"
+        return f"{TRAINER_STATE_NAME} is not valid JSON"
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
-        return f"{STATE} has no global_step"
+        return f"{TRAINER_STATE_NAME} has no global_step"
     deepspeed = any(directory.glob("global_step*"))  # DeepSpeed keeps weights and optimizer in its own directory
     weights = sorted(directory.glob("*.safetensors"))
     if not weights and not deepspeed:
