@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     document = {
         "machine": {**machine_info(torch.device("cpu")), "versions": versions()},
-        "flags": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "flags": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         **result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
