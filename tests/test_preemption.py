@@ -73,10 +73,11 @@ def test_a_signal_asks_for_a_checkpoint_and_a_stop_at_the_step_end_and_a_later_o
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130)])
-def test_a_signal_between_checkpoints_saves_stops_and_resume_ends_as_the_uninterrupted_run(
+def test_a_signal_between_checkpoints_saves_stops_with_its_code_and_resume_ends_as_the_uninterrupted_run(
     qa_task, tmp_path, name, code
 ):
-    run_sft(load_task(qa_task, [*SFT, f"output_dir={tmp_path / 'straight'}"]))
+    if name == "TERM":
+        run_sft(load_task(qa_task, [*SFT, f"output_dir={tmp_path / 'straight'}"]))
     out = tmp_path / "runs" / "qa"
 
     stopped = signalled(["sft", qa_task, *SFT], step=5, name=name)  # during step 6; checkpoint-4 is the last periodic
@@ -87,6 +88,8 @@ def test_a_signal_between_checkpoints_saves_stops_and_resume_ends_as_the_uninter
     assert checkpoint_problem(out / "checkpoint-6") is None
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
     assert not (out / "adapter_config.json").exists(), "a stopped run must not look finished"
+    if name == "INT":
+        return  # the checkpoint is the same whichever signal asked for it: one resume (below) is enough
 
     resumed = run_cli(["sft", qa_task, *SFT, "--resume"])
     assert resumed.wait() == 0, resumed.stderr.read()
