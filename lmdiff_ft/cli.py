@@ -82,6 +82,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .commands.sweep import load_sweep, run_sweep
+    from .commands.sweep_summary import write_summary
 
     seeds = None
     if args.seeds is not None:
@@ -89,7 +90,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 1,2,3") from None
-    return run_sweep(load_sweep(args.sweep, args.grid, seeds))
+    sweep = load_sweep(args.sweep, args.grid, seeds)
+    if args.summary_only:
+        print(write_summary(sweep.output_dir, sweep.reference, list(sweep.cells)), end="")
+        return 0
+    return run_sweep(sweep)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -159,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep YAML (tasks, cells, grid, seeds: docs/sweep.md), or a task YAML")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="add a grid axis (repeatable)")
     sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: the sweep file's, else 42)")
+    sweep.add_argument("--summary-only", action="store_true", help="rebuild the summary from the result files alone")
     sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = commands.add_parser("eval", help="evaluate the base and adapters on a task's data, side by side")
