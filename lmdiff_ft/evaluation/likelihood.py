@@ -68,11 +68,20 @@ def preference_metrics(policy: dict[str, torch.Tensor], reference: dict[str, tor
     }
 
 
+def scored_part(row: dict) -> tuple[Prompt, object]:
+    """(prompt, answer) of an SFT row as the eval loss scores it: the completion, the final turn of a conversation,
+    or all of a `text` row's text (after the tokenizer's BOS, as training sees it)."""
+    if "text" in row:
+        return "", row["text"]
+    if "completion" in row:
+        return row["prompt"], row["completion"]
+    return prompt_of(row), row["messages"][-1:]
+
+
 def answer_nll(model, tokenizer, rows: Dataset) -> float:
-    """Mean negative log-likelihood per answer token (the final turn of a conversation), over the whole split."""
-    prompts = [prompt_of(row) for row in rows]
-    answers = [row["completion"] if "completion" in row else row["messages"][-1:] for row in rows]
-    sums, counts = completion_logprobs(model, tokenizer, prompts, answers)
+    """Mean negative log-likelihood per answer token, over the whole split."""
+    prompts, answers = zip(*(scored_part(row) for row in rows), strict=True)
+    sums, counts = completion_logprobs(model, tokenizer, list(prompts), list(answers))
     return (-sums.sum() / counts.sum()).item()
 
 
