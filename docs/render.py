@@ -36,6 +36,10 @@ def gib(value: float, unit: float) -> str:
     return f"{value * unit / GIB:.2f}"
 
 
+def paragraphs(*parts: str) -> str:
+    return "\n\n".join(parts)
+
+
 def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
     """A Markdown table; `align` has one character per column, `l` or `r` (default: first left, rest right)."""
     align = align or "l" + "r" * (len(header) - 1)
@@ -114,18 +118,18 @@ def main_job_dpo_line() -> str:
 
 
 def nasa_qa() -> str:
-    return "\n\n".join([main_job(), task_run("nasa_qa"), source("tasks/nasa_qa")])
+    return paragraphs(main_job(), task_run("nasa_qa"), source("tasks/nasa_qa"))
 
 
 def nasa_qa_dpo() -> str:
     metrics = result("tasks/nasa_qa_dpo")["metrics"]
-    return "\n\n".join([before_after(metrics, DPO_KEYS), task_run("nasa_qa_dpo"), source("tasks/nasa_qa_dpo")])
+    return paragraphs(before_after(metrics, DPO_KEYS), task_run("nasa_qa_dpo"), source("tasks/nasa_qa_dpo"))
 
 
 def mission_type() -> str:
     metrics = result("tasks/mission_type")["metrics"]
     keys = ["eval_loss", "eval_accuracy", "train_accuracy"]
-    return "\n\n".join([before_after(metrics, keys), task_run("mission_type"), source("tasks/mission_type")])
+    return paragraphs(before_after(metrics, keys), task_run("mission_type"), source("tasks/mission_type"))
 
 
 # --- benchmarks (bench/results/) --------------------------------------------------------------------------------
@@ -158,8 +162,8 @@ def sft_step() -> str:
         f"({products['seconds_as_plain_products']:.1f} s)."
     )
     loads = ", ".join(f"{result(name)['load_average'][0]:.1f}" for name, _ in SFT_STEP_RUNS)
-    return "\n\n".join(
-        [table(header, rows), note, f"1-minute load average at the start of each row: {loads}.", source("sft_step")]
+    return paragraphs(
+        table(header, rows), note, f"1-minute load average at the start of each row: {loads}.", source("sft_step")
     )
 
 
@@ -179,14 +183,12 @@ def sft_throughput() -> str:
     ]
     header = ["trainer", "quantization", "trained tokens/s", "total tokens/s", "s / step", "peak RSS (GiB)"]
     ratios = ", ".join(f"{r['trained_tokens_per_s']:.2f}× with {r['quantization']}" for r in document["ratios"])
-    return "\n\n".join(
-        [
-            table([*header, "trainable parameters"], rows),
-            f"`lmdiff-ft sft` ÷ stock TRL, trained tokens/s: {ratios}. "
-            f"Median of {document['flags']['repeats']} interleaved rounds of {document['flags']['steps']} steps; "
-            f"{load_note(document)}.",
-            source("sft_throughput"),
-        ]
+    return paragraphs(
+        table([*header, "trainable parameters"], rows),
+        f"`lmdiff-ft sft` ÷ stock TRL, trained tokens/s: {ratios}. "
+        f"Median of {document['flags']['repeats']} interleaved rounds of {document['flags']['steps']} steps; "
+        f"{load_note(document)}.",
+        source("sft_throughput"),
     )
 
 
@@ -211,16 +213,14 @@ def train_step() -> str:
         f"LM-Diff does {flops:.2f}× Llama's FLOPs per token, so its speed over Llama's is its MFU over Llama's "
         f"({ours['mfu']:.2f} ÷ {llama['mfu']:.2f}) ÷ {flops:.2f}: at equal MFU it would be {1 / flops:.2f}×."
     )
-    return "\n\n".join(
-        [
-            table(["variant", "tokens/s", "LM-Diff speed ×", "MFU", "step peak (GiB)"], rows),
-            split,
-            f"LM-Diff with differential attention only ÷ DiffLlama (the same architecture): {attn:.2f}×. "
-            f"Sequence length {document['rows'][0]['seq_len']}, batch 1, hidden {dims['hidden']}, "
-            f"{dims['layers']} layers; GEMM rate {document['rows'][0]['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s; "
-            f"{load_note(document)}.",
-            source("train_step"),
-        ]
+    return paragraphs(
+        table(["variant", "tokens/s", "LM-Diff speed ×", "MFU", "step peak (GiB)"], rows),
+        split,
+        f"LM-Diff with differential attention only ÷ DiffLlama (the same architecture): {attn:.2f}×. "
+        f"Sequence length {document['rows'][0]['seq_len']}, batch 1, hidden {dims['hidden']}, "
+        f"{dims['layers']} layers; GEMM rate {document['rows'][0]['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s; "
+        f"{load_note(document)}.",
+        source("train_step"),
     )
 
 
@@ -244,7 +244,7 @@ def decode() -> str:
         f"With the cache, LM-Diff's time per token at context {contexts[-1]} is {growth:.2f}× that at context "
         f"{contexts[0]}. {document['dims']['layers']} layers of TinyLlama-1.1B's dims; {load_note(document)}."
     )
-    return "\n\n".join([table(header, rows), note, source("decode")])
+    return paragraphs(table(header, rows), note, source("decode"))
 
 
 QLORA_LABELS = {
@@ -273,27 +273,23 @@ def qlora_memory() -> str:
     header = ["load path", "base footprint (GiB)", "peak RSS (GiB)", "vs unquantized", "vs unquantized, glibc malloc"]
     checkpoint = document["checkpoint"]
     trainable = rows["nf4-streaming", "pinned"]["trainable_params"]
-    return "\n\n".join(
-        [
-            table(header, lines),
-            f"Checkpoint: {checkpoint['layers']} layers, {gib(checkpoint['gb'], GB)} GiB on disk "
-            f"({checkpoint['dtype_on_disk']}); sequence {document['seq_len']}, batch {document['batch']}, "
-            f"r={document['lora_rank']} ({trainable:,} trainable parameters).",
-            source("qlora_memory"),
-        ]
+    return paragraphs(
+        table(header, lines),
+        f"Checkpoint: {checkpoint['layers']} layers, {gib(checkpoint['gb'], GB)} GiB on disk "
+        f"({checkpoint['dtype_on_disk']}); sequence {document['seq_len']}, batch {document['batch']}, "
+        f"r={document['lora_rank']} ({trainable:,} trainable parameters).",
+        source("qlora_memory"),
     )
 
 
 def dpo_memory() -> str:
     document = result("dpo_memory")
     peaks = {r["trainer"]: r["peak_rss_gb"] for r in document["rows"]}
-    return "\n\n".join(
-        [
-            f"Peak RSS: SFT {gib(peaks['sft'], GB)} GiB, DPO {gib(peaks['dpo'], GB)} GiB, "
-            f"**DPO ÷ SFT = {document['dpo_over_sft_peak']:.2f}** ({document['quantization']}, sequences of "
-            f"{document['seq_len']} tokens).",
-            source("dpo_memory"),
-        ]
+    return paragraphs(
+        f"Peak RSS: SFT {gib(peaks['sft'], GB)} GiB, DPO {gib(peaks['dpo'], GB)} GiB, "
+        f"**DPO ÷ SFT = {document['dpo_over_sft_peak']:.2f}** ({document['quantization']}, sequences of "
+        f"{document['seq_len']} tokens).",
+        source("dpo_memory"),
     )
 
 
@@ -307,13 +303,11 @@ def transformers_model_tests() -> str:
         for kind, found in document["differences"].items()
         for d in found
     ]
-    return "\n\n".join(
-        [
-            table([f"model (transformers {versions['transformers']})", "passed", "failed", "skipped"], rows),
-            "Every test whose outcome differs between the two models:",
-            table(["test", "LM-Diff", "Llama", "reason given"], outcomes, align="llll"),
-            source("transformers_model_tests"),
-        ]
+    return paragraphs(
+        table([f"model (transformers {versions['transformers']})", "passed", "failed", "skipped"], rows),
+        "Every test whose outcome differs between the two models:",
+        table(["test", "LM-Diff", "Llama", "reason given"], outcomes, align="llll"),
+        source("transformers_model_tests"),
     )
 
 
