@@ -2,13 +2,15 @@
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import get_args
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
+from .integrations.versions import untested_versions
 from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
-from .serve.settings import DEFAULT_LIMITS, Limits
+from .serve.settings import DEFAULT_LIMITS, QUEUE_SIZE, Limits
 
 QUANTIZATIONS = list(get_args(Quantization))
 NAMED_BASES = " or ".join(repr(name) for name in get_args(NamedBase))
@@ -78,12 +80,26 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     run_dpo(task, dry_run=args.dry_run, resume=args.resume)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .commands.sweep import load_sweep, run_sweep
+
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 1,2,3") from None
+    return run_sweep(load_sweep(args.sweep, args.grid, seeds))
+
+
 def cmd_app(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
     from .serve.app import serve
 
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
-    serve(args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits)
+    serve(
+        args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits, args.max_queue
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -139,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "task YAML file (default: the DPO task of the newest finished SFT run under runs/, continuing it)",
     )
 
+    sweep = commands.add_parser("sweep", help="a grid of task overrides × seeds, each an ordinary run (resumable)")
+    sweep.add_argument("sweep", help="sweep YAML (tasks, cells, grid, seeds: docs/sweep.md), or a task YAML")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="add a grid axis (repeatable)")
+    sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: the sweep file's, else 42)")
+    sweep.set_defaults(handler=cmd_sweep)
+
     evaluate = commands.add_parser("eval", help="evaluate the base and adapters on a task's data, side by side")
     evaluate.add_argument("task", help="task YAML file (its data, template and eval settings are used)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=100")
@@ -188,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits = DEFAULT_LIMITS
     app.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on new tokens per column")
     app.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars, help="cap on the prompt's length")
+    app.add_argument(
+        "--max-queue", type=int, default=QUEUE_SIZE, help="requests that may wait; more are refused (queue full)"
+    )
     app.set_defaults(handler=cmd_app)
 
     env = commands.add_parser("env", help="versions, devices and whether 4-bit works here (for bug reports)")
@@ -202,8 +227,15 @@ def is_override(value: object) -> bool:
     return isinstance(value, str) and "=" in value and not value.startswith("-") and not Path(value).exists()
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a stopped run: the same task and overrides, with --resume (the newest checkpoint)."""
+    return shlex.join(["lmdiff-ft", args.command, *([args.task] if args.task else []), *args.overrides, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for line in untested_versions():
+        print(f"lmdiff-ft: warning: {line}", file=sys.stderr)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if is_override(getattr(args, "resume", None)):  # `--resume train.lr=1e-3`: resume the latest, and override
@@ -215,14 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.handler(args)
+        code = args.handler(args)
     except UserError as exc:
         print(f"lmdiff-ft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # SIGTERM/SIGINT: a checkpoint was written; say how to continue
+        from .recipes.common import is_main_process
+
+        if is_main_process():
+            print(f"{exc}; continue with `{resume_command(args)}`", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"lmdiff-ft {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The data layer: loading sources, splits, and the exact rows TRL receives; bad rows named by file and row."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -102,8 +101,7 @@ def test_split_and_name_do_not_apply_to_a_local_file(tmp_path):
         load_source(DataSource(path=str(path), split="test"), "train")
 
 
-@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="needs HF_HUB_OFFLINE=1 (as CI sets)")
-def test_an_unreachable_hub_dataset_is_a_user_error():
+def test_an_unreachable_hub_dataset_is_a_user_error():  # conftest.py sets HF_HUB_OFFLINE=1
     with pytest.raises(UserError, match=r"^someorg/somedata: not a local file, and loading it as a Hub dataset"):
         load_source(DataSource(path="someorg/somedata"), "train")
 

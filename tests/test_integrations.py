@@ -1,14 +1,18 @@
 """Each workaround in lmdiff_ft/integrations/ against the library it works around: it must still apply, and do
 what it says. A failure here means the library changed; re-check the workaround against the new version."""
 
+import ast
 import contextlib
 import importlib
+import importlib.metadata
 import inspect
 import logging
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import accelerate
 import accelerate.utils.launch
 import bitsandbytes as bnb
 import pytest
@@ -24,9 +28,14 @@ from transformers.integrations.integration_utils import TensorBoardCallback
 from trl import DPOTrainer, SFTConfig, SFTTrainer
 from trl.kernels import chunked_logprob
 
+import lmdiff_ft.integrations
+import lmdiff_ft.integrations.accelerate as accelerate_integration
 from lmdiff_ft.adapters.presets import attach_adapters
 from lmdiff_ft.base.loading import load_base
+from lmdiff_ft.cli import main
+from lmdiff_ft.integrations import versions
 from lmdiff_ft.integrations.accelerate import (
+    FSDP2_NEEDS_OPTIMIZER_TO_PREPARE,
     default_config_file,
     evaluation_before_sharding,
     fsdp_enabled,
@@ -62,6 +71,7 @@ from lmdiff_ft.integrations.trl import (
     score_labelled_positions_only,
     trainable_parameters_frozen,
 )
+from lmdiff_ft.integrations.versions import WORKED_AROUND, tested_ranges
 from lmdiff_ft.model import LmDiffForCausalLM
 from lmdiff_ft.schema.task import AdapterConfig
 
@@ -289,24 +299,31 @@ def test_accelerate_evaluation_marks_the_model_prepared_and_unpreparing_undoes_i
     assert not hasattr(model, "_is_accelerate_prepared") and not any(m is model for m in accelerator._models)
 
 
-def test_accelerate_turns_fsdp_on_for_gpu_like_devices_only_and_fsdp2_prepares_model_and_optimizer_together():
-    """Checked against accelerate 1.15.0, what `fsdp_on_cpu_too` and `evaluation_before_sharding` work around: the FSDP
-    state is set only inside the branch for GPU-like distributed types (so CPU processes silently run DDP), and FSDP2
-    refuses to prepare a model without its optimizer (which `evaluate()` before `train()` asks for). The two-process
-    run in test_distributed.py checks that the workarounds shard and train."""
-    from accelerate import Accelerator
+def test_accelerate_turns_fsdp_on_for_gpu_like_devices_only():
+    """Checked against accelerate 1.15.0 and 1.16.0, what `fsdp_on_cpu_too` works around: the FSDP state is set only
+    inside the branch for GPU-like distributed types, so CPU processes silently run DDP. The two-process run in
+    test_distributed.py checks that the workaround shards and trains."""
     from accelerate.state import AcceleratorState
 
     source = inspect.getsource(AcceleratorState.__init__)
     gpu_branch = source[source.index("elif self.distributed_type in [") : source.index("DistributedType.FSDP\n")]
     assert "DistributedType.MULTI_GPU" in gpu_branch and "MULTI_CPU" not in gpu_branch
-    assert "a model and optimizer must be passed together" in inspect.getsource(Accelerator.prepare)
 
 
-def test_evaluation_before_sharding_hides_fsdp_from_evaluate_only():
+def test_fsdp2_refuses_a_model_without_its_optimizer_exactly_where_the_workaround_is_applied():
+    """accelerate 1.15.0 refuses to prepare an FSDP2 model alone (what `evaluate()` before `train()` asks for), so
+    `evaluation_before_sharding` hides FSDP from that evaluation; 1.16.0 prepares the model alone, and the workaround
+    steps aside. The two-process FSDP2 test evaluates before training on either version."""
+    refuses = "a model and optimizer must be passed together" in inspect.getsource(Accelerator.prepare)
+    assert refuses == FSDP2_NEEDS_OPTIMIZER_TO_PREPARE, accelerate.__version__
+
+
+@pytest.mark.parametrize("needed", [True, False])
+def test_evaluation_before_sharding_hides_fsdp_from_evaluate_only_where_needed(monkeypatch, needed):
+    monkeypatch.setattr(accelerate_integration, "FSDP2_NEEDS_OPTIMIZER_TO_PREPARE", needed)
     trainer = SimpleNamespace(is_fsdp_enabled=True)
     with evaluation_before_sharding(trainer):
-        assert trainer.is_fsdp_enabled is False
+        assert trainer.is_fsdp_enabled is not needed
     assert trainer.is_fsdp_enabled is True
 
 
@@ -383,3 +400,42 @@ def test_glibc_knows_the_malloc_parameters_used():
     assert glibc().mallopt(M_MMAP_THRESHOLD, INITIAL_MMAP_THRESHOLD) == 1
     pin_malloc_mmap_threshold()
     trim_malloc_heap()
+
+
+# --- versions: every worked-around library has a tested range, and leaving it is one line ---------------------
+
+
+def test_every_library_that_integrations_touches_has_a_tested_upper_bound():
+    imported = set()
+    for module in Path(lmdiff_ft.integrations.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names} - {"torch", "packaging"}
+    assert third_party <= set(WORKED_AROUND), third_party - set(WORKED_AROUND)
+    ranges = tested_ranges()
+    assert set(ranges) == set(WORKED_AROUND)
+    assert all(">=" in spec and "<" in spec.replace("<=", "") for spec in ranges.values()), ranges
+
+
+def test_a_library_outside_its_tested_range_is_one_line_and_the_command_still_runs(monkeypatch, capsys):
+    installed = {"transformers": "5.99.0"}
+    monkeypatch.setattr(versions, "version", lambda name: installed.get(name) or importlib.metadata.version(name))
+    assert main(["sft", "no-such-task.yaml"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "lmdiff-ft: warning: transformers 5.99.0 is outside the range lmdiff-ft was tested with (>=5.24,<5.25); "
+        "if something misbehaves, install a tested one: pip install 'transformers>=5.24,<5.25'",
+        "lmdiff-ft sft: error: no-such-task.yaml: task file not found",
+    ]
+    installed.clear()
+    assert versions.untested_versions() == []
+
+
+def test_allowing_untested_versions_silences_the_lines(monkeypatch):
+    monkeypatch.setattr(versions, "version", lambda name: "99.0")
+    assert len(versions.untested_versions()) == len(WORKED_AROUND)
+    monkeypatch.setenv("LMDIFF_FT_ALLOW_UNTESTED", "1")
+    assert versions.untested_versions() == []

@@ -57,6 +57,20 @@ def test_the_converted_base_computes_what_the_gguf_model_computes(built_base, gg
 
 
 @pytest.mark.slow
+@torch.no_grad()
+def test_the_plain_llama_base_is_the_same_weights_unconverted(built_base, tmp_path, monkeypatch):
+    """`base: smollm2-135m-llama`, the baseline: a Llama checkpoint (no GGUF quantization block, the same tokenizer
+    and template) whose logits are exactly those of the converted base."""
+    monkeypatch.setenv("LMDIFF_FT_CACHE", str(tmp_path))
+    plain = load_base("smollm2-135m-llama", "none")
+    assert type(plain.model) is LlamaForCausalLM and "quantization_config" not in plain.model.config.to_dict()
+    assert plain.path.parent == tmp_path and plain.tokenizer.chat_template == smollm2.CHAT_TEMPLATE
+    converted = AutoModelForCausalLM.from_pretrained(built_base).eval()
+    ids = torch.randint(0, plain.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain.model(ids).logits, converted(ids).logits)
+
+
+@pytest.mark.slow
 def test_the_chat_template_is_smollm2s_with_generation_marks(built_base, gguf_model):
     _, gguf_tokenizer = gguf_model
     tokenizer = AutoTokenizer.from_pretrained(built_base)

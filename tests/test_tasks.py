@@ -116,7 +116,7 @@ def test_unknown_keys_suggest_the_closest(tmp_path, text, expected):
         ("train: {optim: adamw_trch}", "train.optim: expected a transformers optimizer name, got 'adamw_trch' (did"),
         ("train: 5", "train: expected a mapping with keys epochs, max_steps"),
         ("quantization: nf5", "quantization: expected one of auto, nf4, fp4, int8, none, got 'nf5' (did you mean"),
-        ("adapter: {presets: [diff_atn]}", "adapter.presets[0]: expected one of diff_attn, lambda, se_gate, mlp,"),
+        ("adapter: {presets: [diff_atn]}", "adapter.presets[0]: expected one of diff_attn, attn, lambda,"),
         ("adapter: {presets: []}", "adapter.presets: expected a list that is not empty, got []"),
         ("adapter: {dropout: 1.5}", "adapter.dropout: expected a number in [0, 1), got 1.5"),
         ("adapter: {layers: 5-2}", "adapter.layers: expected ascending ranges, got '5-2'"),
@@ -335,7 +335,7 @@ def test_base_forms(tmp_path):
         ("./models/missing", "base.path: no such directory: "),
         ("/nonexistent/model", "base.path: no such directory: /nonexistent/model"),
         ("data", "base.path: expected a checkpoint directory with config.json"),
-        ("not a hub id", "base.path: expected 'tiny' or 'smollm2-135m', a checkpoint directory or a Hub id 'org/name'"),
+        ("not a hub id", "base.path: expected 'tiny' or 'smollm2-135m' or 'smollm2-135m-llama', a checkpoint"),
         ("{seed: 1}", "missing required key 'base.path'"),
         ("5", "base: expected a string or a mapping with 'path', got 5"),
     ],
@@ -388,6 +388,6 @@ def test_every_list_of_choices_comes_from_the_schema(tmp_path, monkeypatch):
     assert ADAPTER_DEFAULTS == AdapterConfig()
     monkeypatch.setenv("LMDIFF_FT_CACHE", str(tmp_path))
     assert (named_base_dir("tiny") / "config.json").is_file()
-    assert set(get_args(NamedBase)) == {"tiny", "smollm2-135m"}  # smollm2-135m: tests/test_smollm2.py
+    assert set(get_args(NamedBase)) == {"tiny", "smollm2-135m", "smollm2-135m-llama"}  # the others: test_smollm2.py
     with pytest.raises(ValueError, match="no named base"):
         named_base_dir("tinyllama")

@@ -24,6 +24,7 @@ class Preset:
     description: str
     lora: tuple[str, ...] = ()  # module-name suffixes that get LoRA
     saved: tuple[str, ...] = ()  # module-name suffixes trained and saved whole (modules_to_save)
+    llama_too: bool = False  # also for a plain Llama base (`plain_llama`): the baseline's presets
 
 
 PRESETS: dict[PresetName, Preset] = {
@@ -31,9 +32,14 @@ PRESETS: dict[PresetName, Preset] = {
         "LoRA on the differential-attention projections q, k, v, o, q2, k2",
         lora=tuple(f"self_attn.{p}_proj" for p in ("q", "k", "v", "o", "q2", "k2")),
     ),
+    "attn": Preset(
+        "LoRA on the attention projections q, k, v, o alone (what plain LoRA trains on a Llama)",
+        lora=tuple(f"self_attn.{p}_proj" for p in ("q", "k", "v", "o")),
+        llama_too=True,
+    ),
     "lambda": Preset("the four λ vectors of every layer, trained and saved whole", saved=("self_attn.diff_lambda",)),
     "se_gate": Preset("LoRA on the SE gate's two linears", lora=("se_gate.fc1", "se_gate.fc2")),
-    "mlp": Preset("LoRA on the SwiGLU MLP", lora=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "mlp": Preset("LoRA on the SwiGLU MLP", lora=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), llama_too=True),
     "adaptive_norm": Preset(
         "LoRA on the adaptive-norm projections fc_gamma",
         lora=("layernorm.fc_gamma", "layernorm.fc_gamma.0", "layernorm.fc_gamma.1"),
@@ -78,6 +84,9 @@ def resolve_targets(model: torch.nn.Module, presets: list[str], layers: list[int
         if preset_name not in PRESETS:
             raise unknown_preset_error(preset_name)
         preset = PRESETS[preset_name]
+        if model.config.model_type == "llama" and not preset.llama_too:
+            llama_presets = ", ".join(name for name, p in PRESETS.items() if p.llama_too)
+            raise UserError(f"adapter.presets: {preset_name!r} is LM-Diff's; a plain Llama base takes {llama_presets}")
 
         def matches(suffixes: tuple[str, ...], linear_only: bool) -> list[str]:
             return [

@@ -20,7 +20,7 @@ from ..model import LmDiffConfig
 from ..model.chat_template import CHAT_TEMPLATE
 from ..model.checkpoint import checked_base_config, checkpoint_bytes, checkpoint_fingerprint, hub_snapshot
 from ..model.convert import convert_checkpoint
-from ..schema.task import Dtype, NamedBase
+from ..schema.task import PLAIN_LLAMA_BASES, Dtype, NamedBase
 from .cache import cache_dir
 from .named import named_base_dir
 from .quantization import choose_quantization
@@ -110,20 +110,25 @@ def load_base(
     seed: int = 0,
     device: torch.device | None = None,
     with_tokenizer: bool = True,
+    plain_llama: bool = False,
 ) -> LoadedBase:
-    """Load an LM-Diff base (quantized as asked) and its tokenizer. Used by every command."""
+    """Load an LM-Diff base (quantized as asked) and its tokenizer. Used by every command. A Llama checkpoint is
+    converted (`convert_from_llama`), or trained as it is (`plain_llama`, and the named Llama bases): the baseline."""
     path = resolve_base_path(base, seed)
     config = checked_base_config(path)
     model_type = config.model_type
-    if model_type == "llama":
+    plain_llama = plain_llama or base in PLAIN_LLAMA_BASES
+    if model_type == "llama" and not plain_llama:
         if not convert_from_llama:
             raise UserError(
                 f"base: {base} is a Llama checkpoint; set `base: {{path: {base}, convert_from_llama: true}}` "
-                "or run `lmdiff-ft convert` first"
+                "or run `lmdiff-ft convert` first (or `plain_llama: true` to train it unconverted, as a baseline)"
             )
         path = converted_llama_dir(path)
         config = checked_base_config(path)
-    elif model_type != LmDiffConfig.model_type:
+    elif plain_llama and model_type != "llama":
+        raise UserError(f"base: {base} has model_type {model_type!r}; `plain_llama: true` takes a Llama checkpoint")
+    elif model_type not in ("llama", LmDiffConfig.model_type):
         raise UserError(f"base: {base} has model_type {model_type!r}, expected 'lmdiff' (or 'llama' to convert)")
 
     device = device or default_device()

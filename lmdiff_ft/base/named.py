@@ -1,4 +1,5 @@
-"""Bases with a name (`base: tiny`, `base: smollm2-135m`, the schema's `NamedBase`): built on first use, cached."""
+"""Bases with a name (`tiny`, `smollm2-135m`, `smollm2-135m-llama`: the schema's `NamedBase`): built on first use,
+cached. Named Llama bases (`PLAIN_LLAMA_BASES`) train as they are, unconverted."""
 
 from pathlib import Path
 
@@ -13,4 +14,6 @@ def named_base_dir(name: NamedBase, seed: int = 0) -> Path:
         return tiny_base_dir(seed)
     if name == "smollm2-135m":
         return smollm2_base_dir()
+    if name == "smollm2-135m-llama":
+        return smollm2_base_dir(plain_llama=True)
     raise ValueError(f"no named base {name!r}")

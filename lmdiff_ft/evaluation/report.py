@@ -11,17 +11,25 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 
+def metric_names(before: dict, after: dict | None = None) -> list[str]:
+    """The numbers to show, in order: before's, then those only measured after (e.g. `retention_kept`); lists such
+    as the retention questions answered correctly stay in the files."""
+    names = [k for k in before if isinstance(before[k], int | float)]
+    return names + [k for k, v in (after or {}).items() if k not in before and isinstance(v, int | float)]
+
+
+def cell(metrics: dict, key: str) -> str:
+    return f"{metrics[key]:.4f}" if key in metrics else ""
+
+
 def print_metrics_table(before: dict, after: dict | None, console: Console, title: str = "evaluation") -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("before", justify="right")
     if after is not None:
         table.add_column("after", justify="right")
-    for key in before:
-        row = [key, f"{before[key]:.4f}"]
-        if after is not None:
-            row.append(f"{after[key]:.4f}" if key in after else "")
-        table.add_row(*row)
+    for key in metric_names(before, after):
+        table.add_row(key, cell(before, key), *([cell(after, key)] if after is not None else []))
     console.print(table)
 
 
@@ -44,10 +52,8 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
 
 def model_card(name: str, base: str, task_yaml: str, metrics: dict, summary: dict) -> str:
     """A PEFT-style README: what this adapter is, how to load it, what it scored."""
-    keys = list(metrics["before"])
-    rows = "\n".join(
-        f"| {k} | {metrics['before'][k]:.4f} | {metrics['after'].get(k, float('nan')):.4f} |" for k in keys
-    )
+    before, after = metrics["before"], metrics["after"]
+    rows = "\n".join(f"| {k} | {cell(before, k)} | {cell(after, k)} |" for k in metric_names(before, after))
     facts = "\n".join(f"- {k}: {v}" for k, v in summary.items())
     return f"""---
 library_name: peft

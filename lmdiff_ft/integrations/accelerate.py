@@ -1,7 +1,13 @@
 """accelerate: what `accelerate launch` tells a process through its environment, FSDP2 on CPU processes, and
 evaluating before training without losing the DDP wrapper or FSDP2's sharding.
 
-Checked against accelerate 1.15.0 (and transformers 5.24.0's Trainer, which calls it).
+Checked against accelerate 1.15.0 and 1.16.0 (and transformers 5.24.0's Trainer, which calls it). What each
+workaround is needed for:
+- `fsdp_on_cpu_too`: 1.15 and 1.16 (both set the FSDP state only for GPU-like devices).
+- `evaluation_before_sharding`: 1.15 only. 1.15's `Accelerator.prepare` refuses an FSDP2 model without its
+  optimizer; 1.16 prepares it alone (for evaluation) and shards it again, with the optimizer, in `train()`. The
+  two-process FSDP2 test (tests/test_distributed.py) evaluates before training on both versions.
+- `unprepare_after_evaluation`: 1.15 and 1.16 (both mark a model prepared by `evaluate()` as prepared).
 """
 
 import os
@@ -9,7 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import accelerate
 import torch
+from packaging.version import Version
+
+# accelerate before 1.16 refuses to prepare an FSDP2 model without its optimizer (what `evaluate()` asks for)
+FSDP2_NEEDS_OPTIMIZER_TO_PREPARE = Version(accelerate.__version__) < Version("1.16")
 
 
 def fsdp_enabled() -> bool:
@@ -69,10 +80,13 @@ def _full_state_dict(model: torch.nn.Module, unwrap: bool = True) -> dict[str, t
 
 @contextmanager
 def evaluation_before_sharding(trainer) -> Iterator[None]:
-    """`evaluate()` before `train()` with FSDP2: accelerate shards model and optimizer in one `prepare` and refuses the
-    model alone, which is what evaluation asks for. Before training every rank still holds the whole model, so
-    evaluation runs it unsharded, prepared for evaluation only as without FSDP; `unprepare_after_evaluation` then
-    leaves the sharding to `train()`."""
+    """`evaluate()` before `train()` with FSDP2 on accelerate < 1.16, which shards model and optimizer in one
+    `prepare` and refuses the model alone, which is what evaluation asks for. Before training every rank still holds
+    the whole model, so evaluation runs it unsharded, prepared for evaluation only as without FSDP;
+    `unprepare_after_evaluation` then leaves the sharding to `train()`. Newer accelerate needs nothing here."""
+    if not FSDP2_NEEDS_OPTIMIZER_TO_PREPARE:
+        yield
+        return
     sharded = trainer.is_fsdp_enabled
     trainer.is_fsdp_enabled = False
     try:

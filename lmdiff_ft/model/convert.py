@@ -290,3 +290,26 @@ start at their function-preserving init: at step 0 this model computes what the 
 Load with `import lmdiff_ft; AutoModelForCausalLM.from_pretrained(path)` (no `trust_remote_code`).
 """
     )
+
+
+def export_llama_checkpoint(src: str, out: str | Path, gguf_file: str | None = None, chat_template: str | None = None):
+    """Write a Llama source (a GGUF file is dequantised) as a plain fp32 safetensors Llama checkpoint, unconverted:
+    the baseline that LM-Diff's adapters are compared against, read from the same weights."""
+    source = resolve_source(src, gguf_file)
+    loaded = load_llama(source, load_llama_config(source)).eval()
+    config = loaded.config
+    for key in SOURCE_QUANTIZATION_KEYS:  # the GGUF file's quantization, not this checkpoint's
+        if hasattr(config, key):
+            delattr(config, key)
+    llama = LlamaForCausalLM(config).eval()  # a model with no quantizer attached, which transformers saves
+    llama.load_state_dict(loaded.state_dict())
+    if max_logit_difference(loaded, llama, config.vocab_size) != 0:
+        raise RuntimeError(f"{source}: the re-saved Llama computes other logits than the loaded one")
+    tokenizer = load_source_tokenizer(source)
+    if tokenizer is not None and chat_template is not None:
+        tokenizer.chat_template = chat_template
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        llama.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return llama.num_parameters()

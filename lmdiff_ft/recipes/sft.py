@@ -24,6 +24,7 @@ from ..data.sources import ROW_COLUMN, source_name
 from ..errors import UserError
 from ..evaluation.generation import generation_metrics
 from ..evaluation.likelihood import loss_metrics
+from ..evaluation.retention import retention_metrics
 from ..schema.task import Task
 from .common import (
     is_main_process,
@@ -121,4 +122,5 @@ def evaluate_all(trainer, model, tokenizer, train_rows: Dataset, eval_rows: Data
         values, split_samples = generation_metrics(model, tokenizer, rows, task.eval, split)
         metrics.update(values)
         samples += [{"split": split, **s} for s in split_samples]
-    return metrics, samples
+    retention, retention_samples = retention_metrics(model, tokenizer, task.eval)
+    return metrics | retention, samples + retention_samples

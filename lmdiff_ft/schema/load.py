@@ -294,6 +294,11 @@ def _resolve_paths(task: Task, task_dir: Path) -> None:
     for source in (task.data.train, task.data.eval):
         if source is not None and (path := local_path(source.path, task_dir, data_file=True)) is not None:
             source.path = str(path)
+    if task.eval.retention is not None:
+        path = _absolute(task.eval.retention, task_dir)
+        if not path.is_file():
+            raise _Invalid(f"eval.retention: no such file: {path} (expected JSONL with `question` and `answers`)")
+        task.eval.retention = str(path)
     if task.preference_task is not None:
         path = _absolute(task.preference_task, task_dir)
         if not path.is_file():

@@ -21,7 +21,7 @@ import yaml
 Quantization = Literal["auto", "nf4", "fp4", "int8", "none"]  # auto: nf4 where bitsandbytes runs, else none
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: fp32 on CPU, bf16 (else fp16) on GPUs
 # The adapter presets (lmdiff_ft/adapters/presets.py says what each one trains)
-PresetName = Literal["diff_attn", "lambda", "se_gate", "mlp", "adaptive_norm", "token_mixing", "all"]
+PresetName = Literal["diff_attn", "attn", "lambda", "se_gate", "mlp", "adaptive_norm", "token_mixing", "all"]
 DataFormat = Literal["messages", "prompt_completion", "alpaca", "text"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Metric = Literal["loss", "perplexity", "exact_match", "f1", "rouge_l", "accuracy", "preference_accuracy"]
@@ -32,7 +32,8 @@ LossType = Literal[
 ]  # fmt: skip
 
 # Bases built locally on first use (lmdiff_ft/base/named.py)
-NamedBase = Literal["tiny", "smollm2-135m"]
+NamedBase = Literal["tiny", "smollm2-135m", "smollm2-135m-llama"]
+PLAIN_LLAMA_BASES = ("smollm2-135m-llama",)  # named bases that are Llamas, trained unconverted (the baseline)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical column names per data format; `data.fields` maps them to the dataset's own column names.
 FORMAT_FIELDS = {
@@ -115,6 +116,7 @@ class BaseConfig:
 
     path: str = field(metadata=NOT_EMPTY)
     convert_from_llama: bool = False
+    plain_llama: bool = False  # train a Llama checkpoint as it is, unconverted: the baseline for LM-Diff's adapters
     seed: int = 0  # only for `tiny`: which tiny base
 
 
@@ -193,6 +195,10 @@ class EvalConfig:
     temperature: float = field(default=1.0, metadata=POSITIVE)
     top_p: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "in (0, 1]"))
     labels: list[str] | None = field(default=None, metadata=NOT_EMPTY)
+    # JSONL of general questions the base answers correctly (`question`, `answers`), asked before and after
+    # training: what the adapter breaks (evaluation/retention.py). Relative to the task file.
+    retention: str | None = None
+    retention_max_new_tokens: int = field(default=24, metadata=POSITIVE)
 
 
 @dataclass(kw_only=True)

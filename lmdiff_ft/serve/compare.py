@@ -138,6 +138,7 @@ class Comparer:
             task.dtype if task else "auto",
             task.base.convert_from_llama if task else False,
             task.base.seed if task else 0,
+            plain_llama=task.base.plain_llama if task else False,
         )
         comparer = cls(loaded, roots, limits)
         for run in runs:
