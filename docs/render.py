@@ -324,6 +324,33 @@ def transformers_model_tests() -> str:
     )
 
 
+def app_load() -> str:
+    document = result("app_load")
+    row = [
+        str(document["clients"]),
+        f"{document['requests']} × {document['columns_per_request']}",
+        str(document["answered"]),
+        str(document["refused"]),
+        str(document["errors"]),
+        f"{document['latency_p50_s']:.1f}",
+        f"{document['latency_p95_s']:.1f}",
+        gib(document["peak_rss_mib"], MIB),
+    ]
+    header = ["clients", "requests × columns", "answered", "refused", "failed", "p50 (s)", "p95 (s)", "peak RSS (GiB)"]
+    disconnect = document["disconnect"]
+    hosts = sorted({address.rsplit(":", 1)[0] for address in document["listening"]})
+    off = document["connections_off_this_machine"]
+    return paragraphs(
+        table(header, [row]),
+        f"Queue of {document['max_queue']}, {document['max_new_tokens']} new tokens per column; latencies include "
+        f"the wait in the queue. A client that disconnected after {disconnect['streamed_updates_before_disconnect']} "
+        f"streamed updates of a request that takes {disconnect['whole_request_s']:.1f} s in full left the app "
+        f"computing for {disconnect['busy_after_s']:.2f} s more. The app listened on {', '.join(hosts)} only and "
+        f"made {len(off) or 'no'} connection{'' if len(off) == 1 else 's'} off the machine; {load_note(document)}.",
+        source("app_load"),
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "main-job": main_job,
     "main-job-dpo": main_job_dpo_line,
@@ -337,6 +364,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "qlora-memory": qlora_memory,
     "dpo-memory": dpo_memory,
     "transformers-model-tests": transformers_model_tests,
+    "app-load": app_load,
 }
 
 
