@@ -79,11 +79,11 @@ def task_run(name: str) -> str:
     """A shipped task's run: steps, trainable parameters, the seconds and the load they were measured under."""
     document = result(f"tasks/{name}")
     metrics = document["metrics"]
+    memory = f", peak RSS {gib(metrics['peak_rss_mib'], MIB)} GiB" if "peak_rss_mib" in metrics else ""
     return (
         f"`{document['command']}`: {metrics['global_step']} optimizer steps, "
-        f"{metrics['trainable_parameters']:,} trainable parameters; training {metrics['train_seconds']:.0f} s, "
-        f"the whole command {document['wall_seconds'] / 60:.1f} min "
-        f"({load_note(document)}; the metrics do not)."
+        f"{metrics['trainable_parameters']:,} trainable parameters{memory}; training {metrics['train_seconds']:.0f} s, "
+        f"the whole command {document['wall_seconds'] / 60:.1f} min ({load_note(document)}; the metrics do not)."
     )
 
 
