@@ -22,7 +22,7 @@ from ..data.rows import prepare_pairs, prepare_rows
 from ..data.sources import source_name
 from ..errors import UserError
 from ..evaluation.generation import generation_metrics
-from ..evaluation.likelihood import answer_nll, preference_logprobs, preference_metrics
+from ..evaluation.likelihood import loss_metrics, preference_logprobs, preference_metrics
 from ..evaluation.retention import retention_metrics
 from ..integrations.trl import reference_model
 from ..schema.load import load_task
@@ -141,7 +141,7 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
     samples = []
     if sft_task is not None:
         sft_train, sft_eval = prepare_rows(sft_task)
-        metrics["sft_eval_loss"] = answer_nll(model, tokenizer, sft_eval)
+        metrics.update({f"sft_{k}": v for k, v in loss_metrics(model, tokenizer, sft_eval).items()})
         for rows, split in ((sft_eval, "eval"), (sft_train, "train")):
             values, split_samples = generation_metrics(model, tokenizer, rows, sft_task.eval, split)
             metrics.update({f"sft_{k}": v for k, v in values.items()})
