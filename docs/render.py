@@ -351,6 +351,18 @@ def app_load() -> str:
     )
 
 
+def sweep_targets() -> str:
+    """The shipped sweep's summary exactly as `lmdiff-ft sweep` wrote it from its result files (sweeps/targets/)."""
+    summary = (ROOT / "sweeps" / "targets" / "summary.md").read_text().strip()
+    runs = len(list((ROOT / "sweeps" / "targets" / "results").glob("*/*/seed*.json")))
+    return paragraphs(
+        f"From `sweeps/targets/summary.md` ({runs} of 54 runs finished; rebuild with "
+        "`lmdiff-ft sweep sweeps/targets.yaml --summary-only`, continue with `lmdiff-ft sweep sweeps/targets.yaml`).",
+        summary.replace("### ", "#### "),
+        "![nasa_qa](../sweeps/targets/nasa_qa.png)\n\n![mission_type](../sweeps/targets/mission_type.png)",
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "main-job": main_job,
     "main-job-dpo": main_job_dpo_line,
@@ -365,6 +377,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "dpo-memory": dpo_memory,
     "transformers-model-tests": transformers_model_tests,
     "app-load": app_load,
+    "sweep-targets": sweep_targets,
 }
 
 
