@@ -206,9 +206,8 @@ def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
 
 
 def metrics_before(trainer, out: Path, checkpoint: str | None, compute) -> dict:
-    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. FSDP2 is on from
-    here, on CPU processes as on GPUs, so that this first evaluation takes the same path on both."""
-    fsdp_on_cpu_too(trainer)
+    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. Under FSDP2 the
+    evaluation runs before the model is sharded."""
     before_file = out / BEFORE_FILE
     if checkpoint and before_file.is_file():
         return json.loads(before_file.read_text())
@@ -250,6 +249,7 @@ def train_and_publish(
     # PEFT's count, before training shards the parameters (it reads a ZeRO-3 parameter's size where DeepSpeed keeps it)
     trainable, _ = trainer.model.get_nb_trainable_parameters()
     unprepare_after_evaluation(trainer)
+    fsdp_on_cpu_too(trainer)  # FSDP2 shards in train() on CPU processes as on GPUs
     started = time.time()
     with stop_on_signal(trainer), disk_full_is_one_line(trainer, trainable):
         trainer.train(resume_from_checkpoint=checkpoint)
