@@ -298,6 +298,49 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     return sum(unique.values())
 
 
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit measured, with "+changes" when the working tree differs from it (a result of uncommitted code)."""
+    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO_ROOT)  # noqa: E731
+    head = run("rev-parse", "--short=12", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = run("status", "--porcelain", "--untracked-files=no", "--", "lmdiff_ft", "bench", "tasks").stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
+def portable(value: object) -> object:
+    """A result as any clone can read it: absolute paths inside the repository made relative to it, and the home
+    directory written as ~ (the measuring machine's own paths mean nothing elsewhere)."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        if path.is_relative_to(REPO_ROOT):
+            return str(path.relative_to(REPO_ROOT))
+        if path.is_relative_to(Path.home()):
+            return "~/" + str(path.relative_to(Path.home()))
+    return value
+
+
 def machine_info(device: torch.device) -> dict:
     cpu_model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -314,7 +357,7 @@ def machine_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    return {**info, "versions": library_versions(), "commit": git_commit()}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -348,9 +391,8 @@ def run_worker(module: str, flags: list[str], what: str) -> dict:
 def write_json(script: str, args: argparse.Namespace, device: torch.device, payload: dict) -> Path:
     path = args.out or RESULTS_DIR / f"{script}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     # the scripts that build their models from --layers, --hidden, ... record the dims
     dims = {"dims": asdict(dims_from_args(args))} if hasattr(args, "hidden") else {}
-    document = {"machine": machine_info(device), **dims, "flags": flags, **payload}
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    document = {"machine": machine_info(device), **dims, "flags": vars(args), **payload}
+    path.write_text(json.dumps(portable(document), indent=2) + "\n")
     return path

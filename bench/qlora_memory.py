@@ -34,7 +34,7 @@ from lmdiff_ft.model import LmDiffConfig
 from lmdiff_ft.model.modeling_lmdiff import LmDiffDecoderLayer
 from lmdiff_ft.outputs import atomic_output_dir
 
-from .common import REPO_ROOT, Dims, machine_info, print_table, run_worker
+from .common import REPO_ROOT, Dims, machine_info, portable, print_table, run_worker
 
 RESULTS_FILE = Path(__file__).parent / "results" / "qlora_memory.json"
 CHECKPOINT_ROOT = REPO_ROOT / "runs" / "bench"
@@ -270,7 +270,7 @@ def main() -> None:
         "peak_ratios": ratios,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    args.out.write_text(json.dumps(portable(document), indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -2,14 +2,15 @@
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import get_args
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 from .integrations.versions import untested_versions
 from .schema.task import AdapterConfig, Dtype, NamedBase, Quantization
-from .serve.settings import DEFAULT_LIMITS, Limits
+from .serve.settings import DEFAULT_LIMITS, QUEUE_SIZE, Limits
 
 QUANTIZATIONS = list(get_args(Quantization))
 NAMED_BASES = " or ".join(repr(name) for name in get_args(NamedBase))
@@ -81,6 +82,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .commands.sweep import load_sweep, run_sweep
+    from .commands.sweep_summary import write_summary
 
     seeds = None
     if args.seeds is not None:
@@ -88,7 +90,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 1,2,3") from None
-    return run_sweep(load_sweep(args.sweep, args.grid, seeds))
+    sweep = load_sweep(args.sweep, args.grid, seeds)
+    if args.summary_only:
+        print(write_summary(sweep.output_dir, sweep.reference, list(sweep.cells)), end="")
+        return 0
+    return run_sweep(sweep)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -96,7 +102,9 @@ def cmd_app(args: argparse.Namespace) -> None:
     from .serve.app import serve
 
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
-    serve(args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits)
+    serve(
+        args.runs, args.host, args.port, args.share, args.base, args.quantization, args.data_dir, limits, args.max_queue
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep YAML (tasks, cells, grid, seeds: docs/sweep.md), or a task YAML")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="add a grid axis (repeatable)")
     sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: the sweep file's, else 42)")
+    sweep.add_argument("--summary-only", action="store_true", help="rebuild the summary from the result files alone")
     sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = commands.add_parser("eval", help="evaluate the base and adapters on a task's data, side by side")
@@ -207,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits = DEFAULT_LIMITS
     app.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on new tokens per column")
     app.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars, help="cap on the prompt's length")
+    app.add_argument(
+        "--max-queue", type=int, default=QUEUE_SIZE, help="requests that may wait; more are refused (queue full)"
+    )
     app.set_defaults(handler=cmd_app)
 
     env = commands.add_parser("env", help="versions, devices and whether 4-bit works here (for bug reports)")
@@ -219,6 +231,11 @@ def is_override(value: object) -> bool:
     """`key=value` that names no existing path: an override, wherever it stands (after options too, or where an
     option's optional value or DPO's optional task could go)."""
     return isinstance(value, str) and "=" in value and not value.startswith("-") and not Path(value).exists()
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a stopped run: the same task and overrides, with --resume (the newest checkpoint)."""
+    return shlex.join(["lmdiff-ft", args.command, *([args.task] if args.task else []), *args.overrides, "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"lmdiff-ft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # SIGTERM/SIGINT: a checkpoint was written; say how to continue
+        from .recipes.common import is_main_process
+
+        if is_main_process():
+            print(f"{exc}; continue with `{resume_command(args)}`", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"lmdiff-ft {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ from bench.common import (  # noqa: E402
     gemm_flops,
     gemm_seconds,
     gemm_shape,
+    portable,
 )
 from bench.flops import training_flops_per_token, weight_flops_per_token  # noqa: E402
 from lmdiff_ft.model.modeling_lmdiff import LmDiffAdaptiveRMSNorm  # noqa: E402
@@ -186,3 +187,20 @@ def test_transformers_model_tests_sort_each_difference_from_the_control():
     assert [row["test"] for row in diffs["both_fail"]] == ["c"]
     assert [row["test"] for row in diffs["lmdiff_runs_llama_skips"]] == ["d"]
     assert diffs["only_one_model_ran"] == [{"test": "e", "lmdiff": outcome["passed"], "llama": None}]
+
+
+def test_results_name_paths_any_clone_can_read():
+    """A result file says `tasks/nasa_qa.yaml`, not the measuring machine's checkout or home directory."""
+    document = {"task": ROOT / "tasks" / "nasa_qa.yaml", "cache": [str(Path.home() / ".cache" / "x")], "n": 3}
+    assert portable(document) == {"task": "tasks/nasa_qa.yaml", "cache": ["~/.cache/x"], "n": 3}
+    for path in (ROOT / "bench" / "results").rglob("*.json"):
+        absolute = [v for v in strings(json.loads(path.read_text())) if v.startswith("/") and not v.startswith("/tmp/")]
+        assert not absolute, f"{path.name}: {absolute[:3]}"  # a temporary directory is the only absolute path left
+
+
+def strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in strings(item)]
+    return [value] if isinstance(value, str) else []

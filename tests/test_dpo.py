@@ -4,11 +4,13 @@ import json
 import shutil
 
 import pytest
+import torch
 from test_sft import QA_BODY, write_jsonl, write_task
 
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.recipes.dpo import continuation_task, run_dpo
+from lmdiff_ft.recipes import dpo
+from lmdiff_ft.recipes.dpo import continuation_task, evaluate_dpo, reference_change, run_dpo
 from lmdiff_ft.recipes.sft import run_sft
 from lmdiff_ft.schema.load import load_task
 
@@ -157,3 +159,35 @@ def test_dpo_without_a_task_or_a_finished_sft_run_says_what_to_run(tmp_path, mon
     assert main(["dpo"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lmdiff-ft sft tasks/nasa_qa.yaml" in err
+
+
+def test_the_reference_check_allows_the_compute_dtype_rounding_only():
+    assert reference_change(-100.0, -100.0, torch.float32) == 0
+    assert reference_change(-100.0, -100.0005, torch.float32) == pytest.approx(5e-6)
+    assert reference_change(-100.0, -100.5, torch.bfloat16) == pytest.approx(5e-3)
+    with pytest.raises(UserError, match=r"reference model moved.*\(0.005 relative, 1e-05 allowed in float32\)"):
+        reference_change(-100.0, -100.5, torch.float32)
+    with pytest.raises(UserError, match="reference model moved"):
+        reference_change(-100.0, float("nan"), torch.bfloat16)
+
+
+def test_a_reference_that_moves_during_training_fails_the_run_with_one_line(
+    tmp_path, tiny_base_path, pair_files, monkeypatch, capsys
+):
+    """The reference here is the base with the adapter disabled: a base weight that changes moves it (as a base
+    parameter left trainable would). The run fails before it is published."""
+    calls = []
+
+    def base_moved_by_training(model, *args):
+        calls.append(model)
+        if len(calls) == 2:  # the evaluation after training
+            with torch.no_grad():
+                model.get_input_embeddings().weight.mul_(1.5)
+        return evaluate_dpo(model, *args)
+
+    monkeypatch.setattr(dpo, "evaluate_dpo", base_moved_by_training)
+    task = write_task(tmp_path, tiny_base_path, dpo_body(None), name="dpo")
+    assert main(["dpo", task, "train.max_steps=2", "eval.num_samples=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lmdiff-ft dpo: error: the reference model moved during training" in err and "not published" in err
+    assert not (tmp_path / "runs" / "dpo" / "adapter_config.json").exists()

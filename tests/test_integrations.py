@@ -71,7 +71,7 @@ from lmdiff_ft.integrations.trl import (
     score_labelled_positions_only,
     trainable_parameters_frozen,
 )
-from lmdiff_ft.integrations.versions import WORKED_AROUND, tested_ranges
+from lmdiff_ft.integrations.versions import WORKED_AROUND
 from lmdiff_ft.model import LmDiffForCausalLM
 from lmdiff_ft.schema.task import AdapterConfig
 
@@ -415,7 +415,7 @@ def test_every_library_that_integrations_touches_has_a_tested_upper_bound():
                 imported.add(node.module.split(".")[0])
     third_party = {name for name in imported if name not in sys.stdlib_module_names} - {"torch", "packaging"}
     assert third_party <= set(WORKED_AROUND), third_party - set(WORKED_AROUND)
-    ranges = tested_ranges()
+    ranges = versions.tested_ranges()
     assert set(ranges) == set(WORKED_AROUND)
     assert all(">=" in spec and "<" in spec.replace("<=", "") for spec in ranges.values()), ranges
 

@@ -336,23 +336,6 @@ def test_an_override_after_resume_is_an_override(qa_task, monkeypatch):
     assert calls == [(1e-3, True), (2e-3, True), (5e-3, True)]
 
 
-def test_resume_skips_a_checkpoint_cut_short(tmp_path):
-    from lmdiff_ft.recipes.common import run_directory
-
-    out = tmp_path / "runs" / "qa"
-    (out / "checkpoint-4").mkdir(parents=True)
-    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
-    (out / "checkpoint-6").mkdir()
-    (out / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')  # killed while writing
-    (out / "checkpoint-8").mkdir()  # killed before the state was written
-    task = type("T", (), {"output_dir": str(out)})()
-    assert run_directory(task, True) == (out, str(out / "checkpoint-4"))
-    with pytest.raises(UserError, match="interrupted run \\(checkpoint-8\\)"):
-        run_directory(task, None)
-    with pytest.raises(UserError, match="not a complete checkpoint"):
-        run_directory(task, str(out / "checkpoint-6"))
-
-
 def test_gradient_checkpointing_auto_recomputes_only_when_memory_needs_it(qa_task, tiny_base_path, monkeypatch):
     task = load_task(qa_task)
     assert task.train.gradient_checkpointing == "auto"

@@ -133,6 +133,10 @@ def test_a_sweep_killed_after_its_first_run_continues_without_redoing_it(tmp_pat
     assert "| `small` | 2 |" in markdown and "reference" in markdown
     assert (tmp_path / "sweeps" / "demo" / "qa.png").stat().st_size > 10_000
     assert (tmp_path / "sweeps" / "demo" / "summary.csv").read_text().startswith("task,cell,")
+    (tmp_path / "sweeps" / "demo" / "summary.md").unlink()
+    assert main(["sweep", path, "--summary-only"]) == 0  # from the result files alone: nothing runs
+    assert (tmp_path / "sweeps" / "demo" / "summary.md").read_text() == markdown
+    assert first.stat().st_mtime_ns == written
 
 
 @pytest.mark.slow

@@ -1,12 +1,10 @@
 """`lmdiff-ft eval`: the base and each adapter on a task's data, side by side, one base in memory for all."""
 
-import math
-
 from ..adapters.known_base import load_adapter
 from ..base.loading import load_base
 from ..data.rows import prepare_pairs, prepare_rows
 from ..evaluation.generation import generation_metrics
-from ..evaluation.likelihood import answer_nll, preference_logprobs
+from ..evaluation.likelihood import loss_metrics, preference_logprobs
 from ..schema.task import Task
 
 
@@ -27,8 +25,7 @@ def evaluate_models(task: Task, adapter_dirs: list[str]) -> dict[str, dict[str, 
             logprobs = preference_logprobs(model, tokenizer, pairs)
             return {"preference_accuracy": (logprobs["chosen"] > logprobs["rejected"]).float().mean().item()}
         train_rows, eval_rows = prepare_rows(task)
-        loss = answer_nll(model, tokenizer, eval_rows)
-        results = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        results = loss_metrics(model, tokenizer, eval_rows)
         for rows, split in ((eval_rows, "eval"), (train_rows, "train")):
             results.update(generation_metrics(model, tokenizer, rows, task.eval, split)[0])
         return results

@@ -100,9 +100,9 @@ def markdown(results: list[dict], stats: dict, reference: str, cells: list[str],
         header = ["cell", "n", *(c.removeprefix("after.") for c in columns), f"Δ {primary.removeprefix('after.')}"]
         header += ["trainable params", "s/step", "peak RSS (MiB)"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        if ref:
-            before = [shown(ref.get(c.replace("after.", "before.", 1))) for c in columns]
-            lines.append("| base, before training | | " + " | ".join(before) + " | | | | |")
+        first = next(c for c in [reference, *cells] if (task, c) in stats)  # the reference's, where it has run
+        before = [shown(stats[(task, first)].get(c.replace("after.", "before.", 1))) for c in columns]
+        lines.append(f"| before training (`{first}`) | | " + " | ".join(before) + " | | | | |")
         for cell in [c for c in cells if (task, c) in stats]:
             s = stats[(task, cell)]
             delta = "reference" if cell == reference else delta_text(*versus(s.get(primary), ref.get(primary)))

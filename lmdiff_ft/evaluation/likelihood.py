@@ -1,5 +1,5 @@
-"""Scores that need no generation: the trainer's eval loss, and the log-likelihood of given answers (the SFT loss
-outside a trainer, and DPO's held-out preference accuracy and reward margins)."""
+"""Scores that need no generation, from the log-likelihood of given answers: the eval loss of a split (one function
+wherever it is reported), and DPO's held-out preference accuracy and reward margins."""
 
 import math
 
@@ -9,12 +9,6 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.rows import Prompt
 from .generation import prompt_of, render_prompt
-
-
-def loss_metrics(trainer, split_name: str = "eval") -> dict[str, float]:
-    """Loss on the answer tokens of the eval split (the trainer's own masking) and its perplexity."""
-    loss = trainer.evaluate()["eval_loss"]
-    return {f"{split_name}_loss": loss, f"{split_name}_perplexity": math.exp(min(loss, 50.0))}
 
 
 def completion_token_ids(prompt: Prompt, completion, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -74,9 +68,26 @@ def preference_metrics(policy: dict[str, torch.Tensor], reference: dict[str, tor
     }
 
 
+def scored_part(row: dict) -> tuple[Prompt, object]:
+    """(prompt, answer) of an SFT row as the eval loss scores it: the completion, the final turn of a conversation,
+    or all of a `text` row's text (after the tokenizer's BOS, as training sees it)."""
+    if "text" in row:
+        return "", row["text"]
+    if "completion" in row:
+        return row["prompt"], row["completion"]
+    return prompt_of(row), row["messages"][-1:]
+
+
 def answer_nll(model, tokenizer, rows: Dataset) -> float:
-    """Mean negative log-likelihood per answer token: the SFT eval loss, computed outside a trainer."""
-    prompts = [prompt_of(row) for row in rows]
-    answers = [row["completion"] if "completion" in row else row["messages"][-1:] for row in rows]
-    sums, counts = completion_logprobs(model, tokenizer, prompts, answers)
+    """Mean negative log-likelihood per answer token, over the whole split."""
+    prompts, answers = zip(*(scored_part(row) for row in rows), strict=True)
+    sums, counts = completion_logprobs(model, tokenizer, list(prompts), list(answers))
     return (-sums.sum() / counts.sum()).item()
+
+
+def loss_metrics(model, tokenizer, rows: Dataset, split_name: str = "eval") -> dict[str, float]:
+    """The eval loss of a model (with its active adapter) on a split, and its perplexity: the one computation behind
+    SFT's before/after, DPO's SFT metrics and `lmdiff-ft eval`, so the same adapter and split give one number.
+    Token-weighted over the split, where a trainer's evaluate() averages per batch and depends on batch size."""
+    loss = answer_nll(model, tokenizer, rows)
+    return {f"{split_name}_loss": loss, f"{split_name}_perplexity": math.exp(min(loss, 50.0))}

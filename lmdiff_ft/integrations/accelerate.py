@@ -5,8 +5,9 @@ Checked against accelerate 1.15.0 and 1.16.0 (and transformers 5.24.0's Trainer,
 workaround is needed for:
 - `fsdp_on_cpu_too`: 1.15 and 1.16 (both set the FSDP state only for GPU-like devices).
 - `evaluation_before_sharding`: 1.15 only. 1.15's `Accelerator.prepare` refuses an FSDP2 model without its
-  optimizer; 1.16 prepares it alone (for evaluation) and shards it again, with the optimizer, in `train()`. The
-  two-process FSDP2 test (tests/test_distributed.py) evaluates before training on both versions.
+  optimizer; 1.16 prepares it alone (for evaluation) and shards it again, with the optimizer, in `train()` (both
+  checked with the FSDP state on before `trainer.evaluate()`). Since the evaluation before training computes its
+  loss without the Trainer (evaluation/likelihood.py), it no longer prepares the model either way.
 - `unprepare_after_evaluation`: 1.15 and 1.16 (both mark a model prepared by `evaluate()` as prepared).
 """
 

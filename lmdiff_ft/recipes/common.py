@@ -12,6 +12,7 @@ import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ from ..integrations.transformers import tensorboard_logs_in
 from ..integrations.trl import score_labelled_positions_only, trainable_parameters_frozen
 from ..outputs import publish_run, push_run
 from ..schema.task import Task
+from .checkpoints import checkpoint_problem, checkpoints, disk_full_is_one_line, newest_loadable
+from .preemption import stop_on_signal
 
 BEFORE_FILE = "metrics_before.json"  # written at the start of a fresh run, read back on --resume
 
@@ -55,24 +58,10 @@ def check_distributed_setup() -> None:
         raise UserError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (configs/accelerate/)")
 
 
-def is_complete_checkpoint(directory: Path) -> bool:
-    """The Trainer writes trainer_state.json last, so a checkpoint cut short by a kill lacks a readable one."""
-    try:
-        json.loads((directory / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """checkpoint-N directories, newest first."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-
-
-def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | None]:
+def run_directory(task: Task, resume: bool | str | None, report=print) -> tuple[Path, str | None]:
     """The output dir and the checkpoint to resume from. A finished run is never silently overwritten, an
-    interrupted one is only continued when asked, and a checkpoint cut short by the interruption is skipped."""
+    interrupted one is only continued when asked, and a checkpoint that would not load (cut short by a kill, a full
+    disk, a damaged file) is skipped with one `report`ed line saying why."""
     out = Path(task.output_dir)
     if (out / "adapter_config.json").is_file():
         raise UserError(f"{out}: holds a finished run (adapter_config.json); delete it or set output_dir")
@@ -84,13 +73,15 @@ def run_directory(task: Task, resume: bool | str | None) -> tuple[Path, str | No
             )
         return out, None
     if resume is True:
-        complete = [c for c in found if is_complete_checkpoint(c)]
-        if not complete:
+        checkpoint, skipped = newest_loadable(out)
+        for line in skipped:
+            report(line)
+        if checkpoint is None:
             raise UserError(f"{out}: no complete checkpoint-N to resume from")
-        return out, str(complete[0])
+        return out, str(checkpoint)
     checkpoint = Path(resume)
-    if not is_complete_checkpoint(checkpoint):
-        raise UserError(f"{checkpoint}: not a complete checkpoint directory (no readable trainer_state.json)")
+    if problem := checkpoint_problem(checkpoint):
+        raise UserError(f"{checkpoint}: not a complete checkpoint directory: {problem}")
     return out, str(checkpoint)
 
 
@@ -102,7 +93,8 @@ def start_run(
     writes nothing, so whatever the output dir holds does not stop it."""
     console = console or Console(quiet=not is_main_process())
     check_distributed_setup()
-    out, checkpoint = (Path(task.output_dir), None) if dry_run else run_directory(task, resume)
+    report = partial(console.print, markup=False, highlight=False, soft_wrap=True)
+    out, checkpoint = (Path(task.output_dir), None) if dry_run else run_directory(task, resume, report)
     set_seed(task.train.seed)
     return console, out, checkpoint
 
@@ -245,9 +237,8 @@ def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
 
 
 def metrics_before(trainer, out: Path, checkpoint: str | None, compute) -> dict:
-    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. FSDP2 is on from
-    here, on CPU processes as on GPUs, so that this first evaluation takes the same path on both."""
-    fsdp_on_cpu_too(trainer)
+    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. Under FSDP2 the
+    evaluation runs before the model is sharded."""
     before_file = out / BEFORE_FILE
     if checkpoint and before_file.is_file():
         return json.loads(before_file.read_text())
@@ -289,8 +280,10 @@ def train_and_publish(
     # PEFT's count, before training shards the parameters (it reads a ZeRO-3 parameter's size where DeepSpeed keeps it)
     trainable, _ = trainer.model.get_nb_trainable_parameters()
     unprepare_after_evaluation(trainer)
+    fsdp_on_cpu_too(trainer)  # FSDP2 shards in train() on CPU processes as on GPUs
     started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with stop_on_signal(trainer), disk_full_is_one_line(trainer, trainable):
+        trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - started
     after, samples = evaluate()
     after |= retention_kept(before, after)

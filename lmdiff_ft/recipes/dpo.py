@@ -12,6 +12,7 @@ the base). Either way one base serves both models, quantized or not.
 
 from pathlib import Path
 
+import torch
 import yaml
 from datasets import Dataset
 from rich.console import Console
@@ -21,7 +22,7 @@ from ..data.rows import prepare_pairs, prepare_rows
 from ..data.sources import source_name
 from ..errors import UserError
 from ..evaluation.generation import generation_metrics
-from ..evaluation.likelihood import answer_nll, preference_logprobs, preference_metrics
+from ..evaluation.likelihood import loss_metrics, preference_logprobs, preference_metrics
 from ..evaluation.retention import retention_metrics
 from ..integrations.trl import reference_model
 from ..schema.load import load_task
@@ -94,11 +95,34 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         "DPO": f"beta {task.preference.beta}, loss {' + '.join(task.preference.loss_type)}, reference: "
         + ("the starting adapter, frozen" if task.adapter.init_adapter else "the base (adapter disabled)"),
     }
-    metrics = train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)
-    if metrics is not None:
-        fixed = before["reference_logprob_sum"] == metrics["after"]["reference_logprob_sum"]
-        console.print(f"reference model unchanged by training: {'yes' if fixed else 'NO'}")
-    return metrics
+
+    def evaluate_after():
+        after, samples = evaluate()
+        change = reference_change(before["reference_logprob_sum"], after["reference_logprob_sum"], base.dtype)
+        console.print(f"reference model unchanged by training: yes ({change:.1g} relative)")
+        return after, samples
+
+    return train_and_publish(trainer, task, base, checkpoint, before, evaluate_after, summary, console)
+
+
+# How far the reference's summed log-probabilities on the eval pairs may move, relative, between the evaluations
+# before and after training: the same weights and rows, so only the order of reductions differs (a few ulps of the
+# compute dtype). A reference that trained moves by far more.
+REFERENCE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def reference_change(before: float, after: float, dtype: torch.dtype) -> float:
+    """The relative change of the reference's log-probabilities; a UserError (the run is not published) beyond the
+    compute dtype's tolerance: DPO's loss measures the policy against a reference that must stay fixed."""
+    tolerance = REFERENCE_TOLERANCE.get(dtype, REFERENCE_TOLERANCE[torch.float32])
+    change = abs(after - before) / max(abs(before), torch.finfo(torch.float32).tiny)
+    if not change <= tolerance:  # NaN fails too
+        allowed = f"{tolerance:g} allowed in {str(dtype).removeprefix('torch.')}"
+        raise UserError(
+            f"the reference model moved during training: its log-probabilities on the eval pairs sum to {after:.6g}, "
+            f"{before:.6g} before ({change:.2g} relative, {allowed}); the run is not published"
+        )
+    return change
 
 
 def sft_task_of(task: Task) -> Task | None:
@@ -119,7 +143,7 @@ def evaluate_dpo(model, tokenizer, eval_pairs: Dataset, task: Task, sft_task: Ta
     samples = []
     if sft_task is not None:
         sft_train, sft_eval = prepare_rows(sft_task)
-        metrics["sft_eval_loss"] = answer_nll(model, tokenizer, sft_eval)
+        metrics.update({f"sft_{k}": v for k, v in loss_metrics(model, tokenizer, sft_eval).items()})
         for rows, split in ((sft_eval, "eval"), (sft_train, "train")):
             values, split_samples = generation_metrics(model, tokenizer, rows, sft_task.eval, split)
             metrics.update({f"sft_{k}": v for k, v in values.items()})

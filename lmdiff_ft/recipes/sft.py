@@ -122,7 +122,9 @@ def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task
 
 
 def evaluate_all(trainer, model, tokenizer, train_rows: Dataset, eval_rows: Dataset, task: Task) -> tuple[dict, list]:
-    metrics = loss_metrics(trainer)
+    with trainer.accelerator.autocast():  # the precision the trainer's forward runs in (bf16 on GPUs)
+        metrics = loss_metrics(model, tokenizer, eval_rows)
+    trainer.log(dict(metrics))  # into the log history: TensorBoard's eval/loss and the loss curve's eval points
     samples = []
     for rows, split in ((eval_rows, "eval"), (train_rows, "train")):
         values, split_samples = generation_metrics(model, tokenizer, rows, task.eval, split)

@@ -22,12 +22,11 @@ from ..errors import UserError
 from .compare import Comparer
 from .plots import attention_figure, lambda_figure, se_gate_figure
 from .runs import BASE
-from .settings import DEFAULT_LIMITS, GenerationSettings, Limits
+from .settings import DEFAULT_LIMITS, QUEUE_SIZE, GenerationSettings, Limits
 from .votes import VOTES, VoteLog
 
 MAX_ADAPTERS = 4
 SLOTS = 1 + MAX_ADAPTERS  # the base column, then the adapters
-QUEUE_SIZE = 16  # requests waiting beyond this are turned away instead of piling up
 MODEL = "model"  # every event that runs the model shares this concurrency id: one at a time
 
 
@@ -294,11 +293,12 @@ def serve(
     quantization: str | None = None,
     data_dir: str = "runs/app",
     limits: Limits | None = None,
+    max_queue: int = QUEUE_SIZE,
 ) -> None:
     """Load the base and adapters once, then serve the page until interrupted."""
     comparer, problems = Comparer.from_runs([Path(r) for r in roots], base, quantization, limits or DEFAULT_LIMITS)
     for problem in problems:
         print(f"not served: {problem}")
     demo = CompareApp(comparer, VoteLog(data_dir), problems).build()
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE, api_open=False)
+    demo.queue(default_concurrency_limit=1, max_size=max_queue, api_open=False)
     demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, mcp_server=False, show_error=False)

@@ -25,3 +25,4 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+QUEUE_SIZE = 16  # requests waiting beyond this are turned away ("queue full") instead of piling up
