@@ -123,9 +123,7 @@ def build_lora_config(targets: AdapterTargets, settings: AdapterConfig) -> LoraC
     )
 
 
-def attach_adapters(
-    model: torch.nn.Module, settings: AdapterConfig, gradient_checkpointing: bool = False
-) -> PeftModel:
+def attach_adapters(model: torch.nn.Module, settings: AdapterConfig, gradient_checkpointing: bool = False) -> PeftModel:
     """Wrap a base in a fresh LoRA adapter as the task's `adapter` section says (its presets on its layers).
     On a 4/8-bit base, prepare it for k-bit training first."""
     targets = resolve_targets(model, list(settings.presets), settings.layers)

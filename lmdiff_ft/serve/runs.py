@@ -19,7 +19,6 @@ BASE = "base"  # the column of the bare base; adapter names never take it
 KEY_METRICS = ("eval_loss", "eval_exact_match", "eval_rouge_l", "eval_accuracy", "eval_preference_accuracy")
 
 
-
 @dataclass(frozen=True)
 class RunInfo:
     """A finished run directory: its adapter, the task that trained it, the base it was made for, its scores."""
@@ -96,8 +95,6 @@ def discover_runs(roots: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
         except UserError as exc:
             problems.append(str(exc))
     return runs, problems
-
-
 
 
 def single_placeholder(task: Task) -> str | None:

@@ -13,7 +13,6 @@ from .settings import GenerationSettings
 VOTES = ("left better", "right better", "tie", "both bad")
 
 
-
 class VoteLog:
     """Pairwise judgements, one JSON line each, appended to `<data dir>/votes.jsonl`."""
 
