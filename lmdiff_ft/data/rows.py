@@ -252,25 +252,26 @@ def _text_row(row: _Row, task: Task) -> dict[str, Any]:
     return {"text": row.text(task.data.column("text"), "mapped by data.fields.text")}
 
 
+def _list_field(row: _Row, task: Task, canonical: str, items: str) -> tuple[str, list]:
+    """A conversation column (`messages`, ShareGPT's `conversations`): its name and its list, or one-line errors."""
+    column = task.data.column(canonical)
+    value = row.values.get(column)
+    if value is None:
+        raise row.error(f"missing field '{column}' (mapped by data.fields.{canonical})")
+    if not isinstance(value, list):
+        raise row.error(f"field '{column}' must be a list of {items}, got {type(value).__name__}")
+    return column, value
+
+
 def _messages_row(row: _Row, task: Task) -> dict[str, Any]:
-    column = task.data.column("messages")
-    messages = row.values.get(column)
-    if messages is None:
-        raise row.error(f"missing field '{column}' (mapped by data.fields.messages)")
-    if not isinstance(messages, list):
-        raise row.error(f"field '{column}' must be a list of {{role, content}} messages, got {type(messages).__name__}")
+    column, messages = _list_field(row, task, "messages", "{role, content} messages")
     checked = [_checked_message(row, column, index, message) for index, message in enumerate(messages)]
     return _conversation_row(row, column, checked, task)
 
 
 def _sharegpt_row(row: _Row, task: Task) -> dict[str, Any]:
     """ShareGPT's `conversations: [{from, value}]`, its `from` names mapped to roles by data.sharegpt_roles."""
-    column = task.data.column("conversations")
-    turns = row.values.get(column)
-    if turns is None:
-        raise row.error(f"missing field '{column}' (mapped by data.fields.conversations)")
-    if not isinstance(turns, list):
-        raise row.error(f"field '{column}' must be a list of {{from, value}} turns, got {type(turns).__name__}")
+    column, turns = _list_field(row, task, "conversations", "{from, value} turns")
     roles = {name: role for role in ROLES for name in getattr(task.data.sharegpt_roles, role)}
     checked = []
     for index, turn in enumerate(turns):
