@@ -88,7 +88,7 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
 
     # DDP averages per-rank gradients of (rank's token-loss sum) / (global token count) x world size: the same
     # gradient as one process, summed in another order (measured: 1.5e-6 relative at most). Ranks that are not
-    # synchronised drift apart from the first step (measured: 1.8 relative, see unprepare_after_evaluation).
+    # synchronised drift apart from the first step (measured: 1.8 relative).
     double_weights = assert_same_adapter(single, double)
     checkpoint = load_file(double / "checkpoint-4" / "adapter_model.safetensors")  # the trainer's own save
     assert all(torch.equal(checkpoint[name], weight) for name, weight in double_weights.items())

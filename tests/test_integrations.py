@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import accelerate
 import accelerate.utils.launch
@@ -18,7 +17,6 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import trl.trainer.utils as trl_utils
-from accelerate import Accelerator
 from conftest import tiny_lmdiff_config
 from datasets import Dataset
 from safetensors import safe_open
@@ -29,19 +27,15 @@ from trl import DPOTrainer, SFTConfig, SFTTrainer
 from trl.kernels import chunked_logprob
 
 import lmdiff_ft.integrations
-import lmdiff_ft.integrations.accelerate as accelerate_integration
 from lmdiff_ft.adapters.presets import attach_adapters
 from lmdiff_ft.base.loading import load_base
 from lmdiff_ft.cli import main
 from lmdiff_ft.integrations import versions
 from lmdiff_ft.integrations.accelerate import (
-    FSDP2_NEEDS_OPTIMIZER_TO_PREPARE,
     default_config_file,
-    evaluation_before_sharding,
     fsdp_enabled,
     fsdp_version,
     parameters_sharded,
-    unprepare_after_evaluation,
 )
 from lmdiff_ft.integrations.bitsandbytes import (
     CPU_OPS_LOGGER,
@@ -288,17 +282,6 @@ def test_accelerate_launch_sets_the_variables_read_here(monkeypatch):
     assert parameters_sharded()
 
 
-def test_accelerate_evaluation_marks_the_model_prepared_and_unpreparing_undoes_it(random_lmdiff):
-    """Checked against accelerate 1.15.0: preparing for evaluation marks the model `_is_accelerate_prepared` and
-    keeps it in `accelerator._models`, so a later `prepare` for training would skip the DDP wrapper."""
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare_model(random_lmdiff, evaluation_mode=True)
-    assert model._is_accelerate_prepared and any(m is model for m in accelerator._models)
-    trainer = SimpleNamespace(model=model, accelerator=accelerator, is_fsdp_enabled=False, is_deepspeed_enabled=False)
-    unprepare_after_evaluation(trainer)
-    assert not hasattr(model, "_is_accelerate_prepared") and not any(m is model for m in accelerator._models)
-
-
 def test_accelerate_turns_fsdp_on_for_gpu_like_devices_only():
     """Checked against accelerate 1.15.0 and 1.16.0, what `fsdp_on_cpu_too` works around: the FSDP state is set only
     inside the branch for GPU-like distributed types, so CPU processes silently run DDP. The two-process run in
@@ -308,23 +291,6 @@ def test_accelerate_turns_fsdp_on_for_gpu_like_devices_only():
     source = inspect.getsource(AcceleratorState.__init__)
     gpu_branch = source[source.index("elif self.distributed_type in [") : source.index("DistributedType.FSDP\n")]
     assert "DistributedType.MULTI_GPU" in gpu_branch and "MULTI_CPU" not in gpu_branch
-
-
-def test_fsdp2_refuses_a_model_without_its_optimizer_exactly_where_the_workaround_is_applied():
-    """accelerate 1.15.0 refuses to prepare an FSDP2 model alone (what `evaluate()` before `train()` asks for), so
-    `evaluation_before_sharding` hides FSDP from that evaluation; 1.16.0 prepares the model alone, and the workaround
-    steps aside. The two-process FSDP2 test evaluates before training on either version."""
-    refuses = "a model and optimizer must be passed together" in inspect.getsource(Accelerator.prepare)
-    assert refuses == FSDP2_NEEDS_OPTIMIZER_TO_PREPARE, accelerate.__version__
-
-
-@pytest.mark.parametrize("needed", [True, False])
-def test_evaluation_before_sharding_hides_fsdp_from_evaluate_only_where_needed(monkeypatch, needed):
-    monkeypatch.setattr(accelerate_integration, "FSDP2_NEEDS_OPTIMIZER_TO_PREPARE", needed)
-    trainer = SimpleNamespace(is_fsdp_enabled=True)
-    with evaluation_before_sharding(trainer):
-        assert trainer.is_fsdp_enabled is not needed
-    assert trainer.is_fsdp_enabled is True
 
 
 def test_accelerate_default_config_is_where_launch_looks():

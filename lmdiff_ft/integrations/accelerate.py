@@ -1,27 +1,15 @@
-"""accelerate: what `accelerate launch` tells a process through its environment, FSDP2 on CPU processes, and
-evaluating before training without losing the DDP wrapper or FSDP2's sharding.
+"""accelerate: what `accelerate launch` tells a process through its environment, and FSDP2 on CPU processes.
 
-Checked against accelerate 1.15.0 and 1.16.0 (and transformers 5.24.0's Trainer, which calls it). What each
-workaround is needed for:
-- `fsdp_on_cpu_too`: 1.15 and 1.16 (both set the FSDP state only for GPU-like devices).
-- `evaluation_before_sharding`: 1.15 only. 1.15's `Accelerator.prepare` refuses an FSDP2 model without its
-  optimizer; 1.16 prepares it alone (for evaluation) and shards it again, with the optimizer, in `train()` (both
-  checked with the FSDP state on before `trainer.evaluate()`). Since the evaluation before training computes its
-  loss without the Trainer (evaluation/likelihood.py), it no longer prepares the model either way.
-- `unprepare_after_evaluation`: 1.15 and 1.16 (both mark a model prepared by `evaluate()` as prepared).
+Checked against accelerate 1.15.0 and 1.16.0 (and transformers 5.24.0's Trainer, which calls it): both set the
+FSDP state only for GPU-like devices, which `fsdp_on_cpu_too` works around. The evaluation before training computes
+its loss without the Trainer (evaluation/likelihood.py), so it never asks accelerate to prepare the model alone,
+which 1.15 refuses under FSDP2 and 1.16 allows.
 """
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import accelerate
 import torch
-from packaging.version import Version
-
-# accelerate before 1.16 refuses to prepare an FSDP2 model without its optimizer (what `evaluate()` asks for)
-FSDP2_NEEDS_OPTIMIZER_TO_PREPARE = Version(accelerate.__version__) < Version("1.16")
 
 
 def fsdp_enabled() -> bool:
@@ -77,37 +65,3 @@ def _full_state_dict(model: torch.nn.Module, unwrap: bool = True) -> dict[str, t
         name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
         for name, tensor in model.state_dict().items()
     }
-
-
-@contextmanager
-def evaluation_before_sharding(trainer) -> Iterator[None]:
-    """`evaluate()` before `train()` with FSDP2 on accelerate < 1.16, which shards model and optimizer in one
-    `prepare` and refuses the model alone, which is what evaluation asks for. Before training every rank still holds
-    the whole model, so evaluation runs it unsharded, prepared for evaluation only as without FSDP;
-    `unprepare_after_evaluation` then leaves the sharding to `train()`. Newer accelerate needs nothing here."""
-    if not FSDP2_NEEDS_OPTIMIZER_TO_PREPARE:
-        yield
-        return
-    sharded = trainer.is_fsdp_enabled
-    trainer.is_fsdp_enabled = False
-    try:
-        yield
-    finally:
-        trainer.is_fsdp_enabled = sharded
-
-
-def unprepare_after_evaluation(trainer) -> None:
-    """Let `train()` wrap the model for DDP, or shard it with FSDP2, although `evaluate()` ran before it.
-
-    The first `evaluate()` prepares the model for evaluation only (no DDP wrapper, no sharding: see
-    `evaluation_before_sharding`) and accelerate marks it as prepared, so `train()` then skips the wrapper: every
-    rank would train its own copy on its shard of the data and nothing would average the gradients. Undoing the
-    mark (and the autocast wrapper evaluation added) leaves the model as if never prepared. DeepSpeed prepares
-    fully in `evaluate()`, so it is left alone.
-    """
-    model, accelerator = trainer.model, trainer.accelerator
-    if trainer.is_deepspeed_enabled or not getattr(model, "_is_accelerate_prepared", False):
-        return
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores model.forward in place
-    del model._is_accelerate_prepared
-    accelerator._models = [m for m in accelerator._models if m is not model]

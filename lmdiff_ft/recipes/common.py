@@ -28,11 +28,9 @@ from ..errors import UserError
 from ..evaluation.report import model_card, plot_loss_curve, print_metrics_table, write_json
 from ..evaluation.retention import retention_kept
 from ..integrations.accelerate import (
-    evaluation_before_sharding,
     fsdp_enabled,
     fsdp_on_cpu_too,
     fsdp_version,
-    unprepare_after_evaluation,
 )
 from ..integrations.bitsandbytes import keep_4bit_layout_trainable
 from ..integrations.transformers import tensorboard_logs_in
@@ -237,13 +235,12 @@ def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
 
 
 def metrics_before(trainer, out: Path, checkpoint: str | None, compute) -> dict:
-    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. Under FSDP2 the
-    evaluation runs before the model is sharded."""
+    """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. It runs the model
+    directly, before `train()` prepares (and under FSDP2 shards) it."""
     before_file = out / BEFORE_FILE
     if checkpoint and before_file.is_file():
         return json.loads(before_file.read_text())
-    with evaluation_before_sharding(trainer):
-        before = compute()
+    before = compute()
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json(before_file, before)
@@ -279,7 +276,6 @@ def train_and_publish(
     """
     # PEFT's count, before training shards the parameters (it reads a ZeRO-3 parameter's size where DeepSpeed keeps it)
     trainable, _ = trainer.model.get_nb_trainable_parameters()
-    unprepare_after_evaluation(trainer)
     fsdp_on_cpu_too(trainer)  # FSDP2 shards in train() on CPU processes as on GPUs
     started = time.time()
     with stop_on_signal(trainer), disk_full_is_one_line(trainer, trainable):
