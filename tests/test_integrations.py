@@ -20,7 +20,7 @@ import trl.trainer.utils as trl_utils
 from conftest import tiny_lmdiff_config
 from datasets import Dataset
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, EarlyStoppingCallback, LlamaConfig, Trainer, TrainingArguments
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.integrations.integration_utils import TensorBoardCallback
 from trl import DPOTrainer, SFTConfig, SFTTrainer
@@ -56,6 +56,7 @@ from lmdiff_ft.integrations.transformers import (
     DynamicLayerWithStates,
     StaticLayerWithStates,
     causal_lm_from_state_dict,
+    evaluate_with,
     tensorboard_logs_in,
     with_layers_of,
 )
@@ -252,6 +253,41 @@ def test_transformers_tensorboard_callback_logs_where_pinned(tmp_path):
         callback = TensorBoardCallback()
     assert Path(callback.logging_dir).parent == tmp_path / "runs"  # runs/<date>_<host>, as transformers names it
     assert os.environ.get("TENSORBOARD_LOGGING_DIR") == before
+
+
+class CountingModel(torch.nn.Module):
+    """A one-parameter model whose loss the Trainer can train and evaluate."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x, labels=None):
+        return {"loss": ((self.w * x - labels) ** 2).mean()}
+
+
+def test_transformers_evaluations_during_training_report_ours_for_the_best_checkpoint_and_early_stopping(tmp_path):
+    """Checked against transformers 5.24.0: with `evaluate_with`, the evaluations at each `eval_steps` report our
+    metrics (and the Trainer's own loop does not run); `metric_for_best_model` picks the best checkpoint by them,
+    `EarlyStoppingCallback` stops on them, and they are logged. Ours are 0.5, 0.9, 0.8, ... at evaluations 1, 2, 3:
+    best at step 2, stopped at step 3."""
+    assert "self.evaluate(" in inspect.getsource(Trainer._evaluate)
+    values = iter([0.5, 0.9, 0.8, 0.7, 0.6])
+    rows = Dataset.from_list([{"x": [1.0], "labels": [2.0]}] * 4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=2, eval_strategy="steps", eval_steps=1,
+        save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_ours", greater_is_better=True,
+        report_to=[], use_cpu=True, learning_rate=0.01,
+    )  # fmt: skip
+    trainer = Trainer(model=CountingModel(), args=args, train_dataset=rows, eval_dataset=rows)
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=1))
+    evaluate_with(trainer, lambda: {"eval_ours": next(values)})
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert trainer.state.best_metric == 0.9 and Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    logged = [e for e in trainer.state.log_history if "eval_ours" in e]
+    assert [(e["step"], e["eval_ours"]) for e in logged] == [(1, 0.5), (2, 0.9), (3, 0.8)]
+    assert not any("eval_loss" in e or "eval_runtime" in e for e in trainer.state.log_history)  # no loop of its own
 
 
 # --- accelerate: the launch environment, evaluation before training -----------------------------------------

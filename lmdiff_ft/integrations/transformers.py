@@ -1,16 +1,16 @@
-"""transformers: cache layers (dynamic and static) with extra per-layer state, loading a lazy state dict, and
-TensorBoard's directory.
+"""transformers: cache layers (dynamic and static) with extra per-layer state, loading a lazy state dict,
+TensorBoard's directory, and the Trainer's evaluations during training made ours.
 
 Checked against transformers 5.24.0.
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, Trainer
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.integrations.integration_utils import default_logdir
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -181,3 +181,20 @@ def tensorboard_logs_in(out: Path) -> Iterator[None]:
             os.environ.pop("TENSORBOARD_LOGGING_DIR")
         else:
             os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+
+
+def evaluate_with(trainer: Trainer, compute: Callable[[], dict[str, float]]) -> None:
+    """Make the Trainer's evaluations during training (every `eval_steps`) report `compute()`'s metrics instead of
+    running its own evaluation loop, and keep what `Trainer.evaluate` does with them: log them (log history,
+    TensorBoard, MLflow, W&B) and pass them to the callbacks' `on_evaluate` (early stopping). `metric_for_best_model`
+    then picks the best checkpoint by them. Checked against transformers 5.24.0: trainer.py's `_evaluate` calls
+    `self.evaluate()`, which runs the loop, then `self.log(metrics)`, then `on_evaluate`, and returns the metrics;
+    tests/test_integrations.py notices if that changes."""
+
+    def evaluate(eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = compute()
+        trainer.log(metrics)
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+        return metrics
+
+    trainer.evaluate = evaluate

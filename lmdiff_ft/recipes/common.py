@@ -182,13 +182,14 @@ def trainer_arguments(task: Task, out: Path, base: LoadedBase, gradient_checkpoi
         save_strategy="epoch" if strategy == "epoch" and t.load_best_model_at_end else "steps",
         load_best_model_at_end=t.load_best_model_at_end,
         metric_for_best_model=f"eval_{t.metric_for_best_model}",
-        greater_is_better=False,
+        greater_is_better=t.metric_for_best_model != "loss",
         activation_checkpointing=gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         optim=t.optim,
         bf16=base.dtype == torch.bfloat16,
         fp16=base.dtype == torch.float16,
         report_to=list(t.report_to),
+        run_name=task.name,  # the MLflow / W&B run's name
         dataloader_num_workers=0,
         # train where the base was loaded. On a machine without GPUs accelerate starts a (gloo) process group only
         # for a CPU run: without this, `accelerate launch --multi_gpu`/torchrun ranks would each train on all data
@@ -197,7 +198,7 @@ def trainer_arguments(task: Task, out: Path, base: LoadedBase, gradient_checkpoi
 
 
 def add_training_callbacks(trainer, task: Task) -> None:
-    """Early stopping: after `early_stopping_patience` evaluations without a better eval metric."""
+    """Early stopping: after `early_stopping_patience` evaluations without a better `metric_for_best_model`."""
     if task.train.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=task.train.early_stopping_patience))
 
@@ -234,6 +235,21 @@ def trainer_construction(model: torch.nn.Module, out: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def tracking_run(task: Task) -> Iterator[None]:
+    """One MLflow run for the evaluation before training, training and the evaluation after. transformers' MLflow
+    callback ends the run it started when training ends (the evaluation after would open a second run, left
+    unfinished); a run already active when training starts is used and left to its owner, so it is started here. It
+    honours MLflow's own variables (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID to continue a run)."""
+    if "mlflow" not in task.train.report_to or not is_main_process():
+        yield
+        return
+    import mlflow  # an optional extra
+
+    with mlflow.start_run(run_name=task.name):
+        yield
+
+
 def metrics_before(trainer, out: Path, checkpoint: str | None, compute) -> dict:
     """Evaluated once, at the start of a fresh run; a resumed run reads the same numbers back. It runs the model
     directly, before `train()` prepares (and under FSDP2 shards) it."""
@@ -259,9 +275,12 @@ def gathered_state_dict(trainer) -> dict | None:
 
 def eval_curve(before: dict, log_history: list[dict]) -> list[dict]:
     """The eval loss before training (step 0) and at every `train.eval_steps`: how fast a run converges. The
-    evaluation after training logs at the last step too, with the same value; it counts once."""
+    evaluation after training logs at the last step too: the same model, or the best checkpoint's when
+    `load_best_model_at_end` loaded it, so the first value logged at a step is the one that step's model had."""
     losses = {0: before["eval_loss"]} if "eval_loss" in before else {}
-    losses |= {e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e}
+    for entry in log_history:
+        if "eval_loss" in entry:
+            losses.setdefault(entry["step"], entry["eval_loss"])
     return [{"step": step, "eval_loss": loss} for step, loss in losses.items()]
 
 

@@ -33,6 +33,7 @@ from .common import (
     load_model,
     metrics_before,
     start_run,
+    tracking_run,
     train_and_publish,
     trainer_construction,
     training_arguments,
@@ -89,20 +90,21 @@ def run_dpo(task: Task, dry_run: bool = False, resume: bool | str | None = None,
         with trainer.accelerator.autocast():
             return evaluate_dpo(trainer.model, tokenizer, eval_pairs, task, sft_task)
 
-    before = metrics_before(trainer, out, checkpoint, lambda: evaluate()[0])
     summary = {
         "data": f"{len(train_pairs)} preference pairs from {source_name(task, 'train')}, {len(eval_pairs)} held out",
         "DPO": f"beta {task.preference.beta}, loss {' + '.join(task.preference.loss_type)}, reference: "
         + ("the starting adapter, frozen" if task.adapter.init_adapter else "the base (adapter disabled)"),
     }
+    with tracking_run(task):
+        before = metrics_before(trainer, out, checkpoint, lambda: evaluate()[0])
 
-    def evaluate_after():
-        after, samples = evaluate()
-        change = reference_change(before["reference_logprob_sum"], after["reference_logprob_sum"], base.dtype)
-        console.print(f"reference model unchanged by training: yes ({change:.1g} relative)")
-        return after, samples
+        def evaluate_after():
+            after, samples = evaluate()
+            change = reference_change(before["reference_logprob_sum"], after["reference_logprob_sum"], base.dtype)
+            console.print(f"reference model unchanged by training: yes ({change:.1g} relative)")
+            return after, samples
 
-    return train_and_publish(trainer, task, base, checkpoint, before, evaluate_after, summary, console)
+        return train_and_publish(trainer, task, base, checkpoint, before, evaluate_after, summary, console)
 
 
 # How far the reference's summed log-probabilities on the eval pairs may move, relative, between the evaluations

@@ -10,6 +10,7 @@
 8. publish the run                    (adapter, tokenizer, metrics, card, curve; adapter_config.json last)
 """
 
+import dataclasses
 import itertools
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from ..errors import UserError
 from ..evaluation.generation import generation_metrics
 from ..evaluation.likelihood import loss_metrics
 from ..evaluation.retention import retention_metrics
+from ..integrations.transformers import evaluate_with
+from ..schema.load import used_formats
 from ..schema.task import Task
 from .common import (
     add_training_callbacks,
@@ -32,6 +35,7 @@ from .common import (
     load_model,
     metrics_before,
     start_run,
+    tracking_run,
     train_and_publish,
     trainer_construction,
     training_arguments,
@@ -43,7 +47,8 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     # 1-2. the output directory; the data, checked before any model is loaded
     console, out, checkpoint = start_run(task, resume, console, dry_run)
     train_rows, eval_rows = prepare_rows(task)
-    console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({task.data.format})")
+    formats = " + ".join(sorted(used_formats(task)))
+    console.print(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows ({formats})")
     print_mix(train_rows, eval_rows, console)
 
     # 3. the base and its adapters
@@ -72,6 +77,7 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
             processing_class=tokenizer,
         )
     add_training_callbacks(trainer, task)
+    evaluate_with(trainer, lambda: evaluate_during_training(trainer, model, tokenizer, eval_rows, task))
     check_trained_tokens(trainer.train_dataset, train_rows, "train", task)
     check_trained_tokens(trainer.eval_dataset, eval_rows, "eval", task)
     if is_main_process():
@@ -90,9 +96,10 @@ def run_sft(task: Task, dry_run: bool = False, resume: bool | str | None = None,
     def evaluate():
         return evaluate_all(trainer, model, tokenizer, train_rows, eval_rows, task)
 
-    before = metrics_before(trainer, out, checkpoint, lambda: evaluate()[0])
     summary = {"data": f"{len(train_rows)} train rows from {source_name(task, 'train')}, {len(eval_rows)} eval rows"}
-    return train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)
+    with tracking_run(task):
+        before = metrics_before(trainer, out, checkpoint, lambda: evaluate()[0])
+        return train_and_publish(trainer, task, base, checkpoint, before, evaluate, summary, console)
 
 
 def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task) -> None:
@@ -118,6 +125,17 @@ def check_trained_tokens(prepared: Dataset, rows: Dataset, role: str, task: Task
         raise UserError(
             f"{where}: row {shown}: no answer token left to train on after truncation to "
             f"train.max_length={task.train.max_length} ({len(lost)} of {len(rows)} rows); raise max_length"
+        )
+
+
+def evaluate_during_training(trainer, model, tokenizer, eval_rows: Dataset, task: Task) -> dict[str, float]:
+    """At each `train.eval_steps`: the eval loss as before and after training, and the task's answer metrics on
+    `train.eval_generation_samples` eval rows (for `metric_for_best_model: exact_match` and the like)."""
+    settings = dataclasses.replace(task.eval, num_samples=task.train.eval_generation_samples)
+    with trainer.accelerator.autocast():  # the precision the trainer's forward runs in
+        return (
+            loss_metrics(model, tokenizer, eval_rows)
+            | generation_metrics(model, tokenizer, eval_rows, settings, "eval")[0]
         )
 
 

@@ -490,6 +490,20 @@ def _check_train(task: Task) -> None:
         )
     if t.early_stopping_patience and not t.load_best_model_at_end:
         raise _Invalid("train.early_stopping_patience: needs train.load_best_model_at_end: true (the best checkpoint)")
+    if t.eval_generation_samples and strategy == "no":
+        raise _Invalid(
+            "train.eval_generation_samples: needs evaluation during training (train.eval_steps or "
+            "train.eval_strategy: epoch)"
+        )
+    if t.metric_for_best_model != "loss":
+        metric = t.metric_for_best_model
+        if metric not in task.eval.metrics:
+            raise _Invalid(f"train.metric_for_best_model: {metric} is not one of eval.metrics; add it there")
+        if not t.eval_generation_samples:
+            raise _Invalid(
+                f"train.metric_for_best_model: {metric} scores generated answers; set train.eval_generation_samples "
+                "(eval rows answered at each evaluation, e.g. 20)"
+            )
     if t.load_best_model_at_end and strategy == "steps" and t.save_steps % t.eval_steps:
         raise _Invalid(
             f"train.save_steps: with load_best_model_at_end, expected a multiple of train.eval_steps "
@@ -537,5 +551,8 @@ def _check_preference(task: Task) -> None:
         raise _Invalid(
             f"preference.loss_weights: expected one weight per loss_type ({len(losses)}), got {len(weights)}"
         )
+    if task.train.eval_generation_samples or task.train.metric_for_best_model != "loss":
+        key = "eval_generation_samples" if task.train.eval_generation_samples else "metric_for_best_model"
+        raise _Invalid(f"train.{key}: SFT only (during DPO training the evaluations report the DPO loss and rewards)")
     if task.train.packing:
         raise _Invalid("train.packing: SFT only (TRL's DPOTrainer pads each pair; padding-free DPO is disabled in TRL)")

@@ -26,6 +26,9 @@ DataFormat = Literal["messages", "sharegpt", "prompt_completion", "alpaca", "tex
 Logger = Literal["tensorboard", "wandb", "mlflow"]  # train.report_to; each but tensorboard is an optional extra
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Metric = Literal["loss", "perplexity", "exact_match", "f1", "rouge_l", "accuracy", "preference_accuracy"]
+# train.metric_for_best_model: the eval loss (lower is better), or an answer metric (higher is better) scored on
+# train.eval_generation_samples eval rows at each evaluation during training
+BestMetric = Literal["loss", "exact_match", "f1", "rouge_l", "accuracy"]
 # Every loss type TRL 1.16's DPOConfig accepts (trl/trainer/dpo_config.py, `loss_type`).
 LossType = Literal[
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -61,7 +64,7 @@ OWNED_TRAINER_ARGUMENTS = {
     "load_best_model_at_end": "train.load_best_model_at_end", "metric_for_best_model": "train.metric_for_best_model",
     "greater_is_better": "train.metric_for_best_model", "activation_checkpointing": "train.gradient_checkpointing",
     "gradient_checkpointing": "train.gradient_checkpointing", "optim": "train.optim", "bf16": "dtype",
-    "fp16": "dtype", "report_to": "train.report_to", "packing": "train.packing",
+    "fp16": "dtype", "report_to": "train.report_to", "run_name": "name", "packing": "train.packing",
     "assistant_only_loss": "train.train_on_inputs", "completion_only_loss": "train.train_on_inputs",
     "push_to_hub": "train.push_to_hub", "hub_model_id": "train.hub_model_id", "hub_private_repo": "train.hub_private",
     "beta": "preference.beta", "loss_type": "preference.loss_type", "loss_weights": "preference.loss_weights",
@@ -225,7 +228,8 @@ class TrainConfig:
     eval_steps: int | None = field(default=None, metadata=POSITIVE)
     eval_strategy: Literal["no", "steps", "epoch"] | None = None  # null: steps when eval_steps is set, else no
     load_best_model_at_end: bool = False  # publish the checkpoint with the best metric_for_best_model
-    metric_for_best_model: Literal["loss"] = "loss"  # the eval loss (lower is better)
+    metric_for_best_model: BestMetric = "loss"
+    eval_generation_samples: int = field(default=0, metadata=NON_NEGATIVE)  # eval rows answered at each evaluation
     early_stopping_patience: int | None = field(default=None, metadata=POSITIVE)  # evaluations without improvement
     save_total_limit: int | None = field(default=2, metadata=POSITIVE)
     gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on when a micro-batch's activations need it
