@@ -1,14 +1,17 @@
 """The data layer: loading sources, splits, and the exact rows TRL receives; bad rows named by file and row."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict
+from rich.console import Console
 
-from lmdiff_ft.data.rows import REFERENCE_COLUMN, to_preference_rows, to_sft_rows
-from lmdiff_ft.data.sources import ROW_COLUMN, load_source, load_splits, source_name
+from lmdiff_ft.data.rows import REFERENCE_COLUMN, prepare_rows, to_preference_rows, to_sft_rows
+from lmdiff_ft.data.sources import ROW_COLUMN, SOURCE_COLUMN, load_parts, load_source, source_name
 from lmdiff_ft.errors import UserError
+from lmdiff_ft.recipes.preview import print_mix
 from lmdiff_ft.schema.load import load_task
 from lmdiff_ft.schema.task import DataSource, Task
 
@@ -37,6 +40,12 @@ def make_task(tmp_path: Path, rows: list[dict], extra: str = "", data: str = "")
 def sft_rows(tmp_path: Path, rows: list[dict], extra: str = "", data: str = "") -> list[dict]:
     task = make_task(tmp_path, rows, extra, data)
     return to_sft_rows(load_source(task.data.train, "train"), task, source_name(task, "train")).to_list()
+
+
+def load_splits(task: Task) -> tuple[Dataset, Dataset]:
+    """One source's train rows and held-out rows (its split, or data.eval), raw."""
+    (part,), eval_parts = load_parts(task)
+    return part.train, eval_parts[0].train if eval_parts else part.eval
 
 
 def sft_error(tmp_path: Path, rows: list[dict], extra: str = "", data: str = "") -> str:
@@ -346,3 +355,131 @@ def test_preference_rows_need_the_prompt_completion_format(tmp_path):
         f"{tmp_path / 'task.yaml'}: data.format: preference (DPO) data needs 'prompt_completion' "
         "(prompt, chosen and rejected columns), got 'alpaca'"
     )
+
+
+# --- ShareGPT -------------------------------------------------------------------------------------------
+
+
+LAST_TURN = "(it is the answer trained on)"
+
+
+def sharegpt(*turns: tuple[str, str]) -> dict:
+    return {"conversations": [{"from": who, "value": text} for who, text in turns]}
+
+
+def test_sharegpt_rows_map_their_roles(tmp_path):
+    row = sharegpt(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hello!"), ("human", "Bye"), ("gpt", "Bye!"))
+    result = sft_rows(tmp_path, [row], data="  format: sharegpt\n")
+    roles = [(m["role"], m["content"]) for m in result[0]["messages"]]
+    assert roles == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello!"),
+        ("user", "Bye"),
+        ("assistant", "Bye!"),
+    ]
+    assert result[0][REFERENCE_COLUMN] == "Bye!"
+
+
+def test_sharegpt_roles_and_column_are_configurable(tmp_path):
+    row = {"chat": [{"from": "USER", "value": "Hi"}, {"from": "BOT", "value": "Hello!"}]}
+    data = "  format: sharegpt\n  fields: {conversations: chat}\n  sharegpt_roles: {user: [USER], assistant: [BOT]}\n"
+    result = sft_rows(tmp_path, [row], "template: {system: Sys}\n", data)
+    assert [m["role"] for m in result[0]["messages"]] == ["system", "user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (sharegpt(("human", "Hi"), ("bard", "Hello")),
+         "row 1: conversations[1]: 'from' must be one of system, human, user, gpt, assistant (data.sharegpt_roles), "
+         "got 'bard'"),
+        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},
+         "row 1: conversations[1]: content must be a non-empty string, got None"),
+        ({"conversations": ["Hi", "Hello"]}, "row 1: conversations[0]: expected a {from, value} mapping, got str"),
+        ({"conversations": "Hi"}, "row 1: field 'conversations' must be a list of {from, value} turns, got str"),
+        (sharegpt(("gpt", "Hello"), ("human", "Hi")),
+         "row 1: conversations: the last message must be the assistant's " + LAST_TURN),
+        ({"dialogue": []}, "no column 'conversations' (mapped by data.fields.conversations); the columns are dialogue"),
+    ],
+)  # fmt: skip
+def test_bad_sharegpt_rows_are_named(tmp_path, row, expected):
+    assert sft_error(tmp_path, [row], data="  format: sharegpt\n") == "data/train.jsonl: " + expected
+
+
+# --- several sources ------------------------------------------------------------------------------------
+
+
+def mixed_task(tmp_path: Path, train: str, seed: int = 42) -> Task:
+    write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"Q{i}?", "completion": f"A{i}"} for i in range(20)])
+    write_jsonl(tmp_path / "chat.jsonl", [sharegpt(("human", f"Hi {i}"), ("gpt", f"Hello {i}")) for i in range(10)])
+    text = f"name: t\nbase: tiny\ndata:\n  eval_fraction: 0.2\n  train:\n{train}train: {{seed: {seed}}}\n"
+    (tmp_path / "task.yaml").write_text(text, encoding="utf-8")
+    return load_task(tmp_path / "task.yaml")
+
+
+WEIGHTED = "    - {path: qa.jsonl, weight: 3}\n    - {path: chat.jsonl, format: sharegpt, weight: 1}\n"
+
+
+def test_several_sources_mix_by_weight_each_with_its_own_format_and_held_out_rows(tmp_path):
+    train, held_out = prepare_rows(mixed_task(tmp_path, WEIGHTED))
+    # 16 + 8 train rows after each source's 20% is held out; 3:1 of 24 is 18 (two repeated) and 6 (two dropped)
+    assert Counter(train[SOURCE_COLUMN]) == {"qa.jsonl": 18, "chat.jsonl": 6}
+    assert Counter(held_out[SOURCE_COLUMN]) == {"qa.jsonl": 4, "chat.jsonl": 2}
+    assert len(set(zip(train[SOURCE_COLUMN], train[ROW_COLUMN], strict=True))) == 16 + 6
+    held = set(zip(held_out[SOURCE_COLUMN], held_out[ROW_COLUMN], strict=True))
+    assert not held & set(zip(train[SOURCE_COLUMN], train[ROW_COLUMN], strict=True))  # never trained on
+    first = train.to_list()[train[SOURCE_COLUMN].index("qa.jsonl")]
+    assert first["messages"][-1]["role"] == "assistant"  # prompt/completion rows join the chat rows as messages
+    assert first[REFERENCE_COLUMN].startswith("A")
+
+
+def test_the_mix_is_the_same_under_the_same_seed(tmp_path):
+    def rows(seed):
+        train, _ = prepare_rows(mixed_task(tmp_path, WEIGHTED, seed))
+        return list(zip(train[SOURCE_COLUMN], train[ROW_COLUMN], strict=True))
+
+    assert rows(1) == rows(1) and rows(1) != rows(2)
+    assert Counter(s for s, _ in rows(2)) == Counter(s for s, _ in rows(1))
+
+
+def test_without_weights_every_row_of_every_source_once_and_max_samples_per_source(tmp_path):
+    plain = "    - qa.jsonl\n    - {path: chat.jsonl, format: sharegpt, max_samples: 3}\n"
+    train, _ = prepare_rows(mixed_task(tmp_path, plain))
+    assert Counter(train[SOURCE_COLUMN]) == {"qa.jsonl": 16, "chat.jsonl": 3}
+
+
+def test_the_dry_run_shows_the_mix(tmp_path):
+    train, held_out = prepare_rows(mixed_task(tmp_path, WEIGHTED))
+    console = Console(record=True, width=200)
+    print_mix(train, held_out, console)
+    assert console.export_text().splitlines() == [
+        "  qa.jsonl: 18 train rows (75% of the mix), 4 eval rows",
+        "  chat.jsonl: 6 train rows (25% of the mix), 2 eval rows",
+    ]
+
+
+def test_a_bad_row_of_one_source_names_that_source(tmp_path):
+    task = mixed_task(tmp_path, WEIGHTED)
+    write_jsonl(tmp_path / "chat.jsonl", [sharegpt(("human", "Hi"), ("gpt", "Hello"))] * 9 + [sharegpt(("human", "x"))])
+    with pytest.raises(UserError) as info:
+        prepare_rows(task)
+    assert (
+        str(info.value)
+        == "chat.jsonl: row 10: conversations: the last message must be the assistant's (it is the answer trained on)"
+    )
+
+
+def test_eval_sources_of_their_own_formats_and_caps(tmp_path):
+    # the same files as eval sources
+    eval_sources = "  eval:\n    - qa.jsonl\n    - {path: chat.jsonl, format: sharegpt, max_samples: 4}\n"
+    task = mixed_task(tmp_path, WEIGHTED.replace("weight: 3", "weight: 1") + eval_sources)
+    train, held_out = prepare_rows(task)
+    assert Counter(train[SOURCE_COLUMN]) == {"qa.jsonl": 15, "chat.jsonl": 15}  # all 30 rows trained, 1:1
+    assert Counter(held_out[SOURCE_COLUMN]) == {"qa.jsonl": 20, "chat.jsonl": 4}
+    console = Console(record=True, width=200)
+    print_mix(train, held_out, console)
+    assert console.export_text().splitlines() == [
+        "  qa.jsonl: 15 train rows (50% of the mix), 20 eval rows",
+        "  chat.jsonl: 15 train rows (50% of the mix), 4 eval rows",
+    ]

@@ -6,7 +6,7 @@ eval split), so a data bug fails before training instead of being trained on.
 
 import dataclasses
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from datasets import Dataset, concatenate_datasets
 from ..errors import UserError
 from ..schema.load import check_preference
 from ..schema.task import DataSource, Task, template_fields
-from .sources import ROW_COLUMN, SOURCE_COLUMN, Part, load_parts, load_splits, source_name
+from .sources import ROW_COLUMN, SOURCE_COLUMN, Part, load_parts, source_name
 
 REFERENCE_COLUMN = "reference"  # the answer text, kept for generation metrics; TRL ignores the column
 ROLES = ("system", "user", "assistant")
@@ -25,24 +25,33 @@ Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 def prepare_rows(task: Task) -> tuple[Dataset, Dataset]:
     """TRL-ready SFT train/eval rows; each keeps its source row number for error messages (and, from several
     sources, the source's name in SOURCE_COLUMN). Several train sources are mixed as their weights say."""
+    return _prepared(task, to_sft_rows)
+
+
+def prepare_pairs(task: Task) -> tuple[Dataset, Dataset]:
+    """TRL-ready preference (DPO) train/eval pairs, from one source or several mixed, as `prepare_rows`."""
+    return _prepared(task, to_preference_rows)
+
+
+def _prepared(task: Task, convert: Callable[[Dataset, Task, str], Dataset]) -> tuple[Dataset, Dataset]:
     parts, eval_parts = load_parts(task)
     if len(parts) == 1 and len(eval_parts) <= 1:
         (part,) = parts
         evaluation = eval_parts[0].train if eval_parts else part.eval
         rows = []
         for raw, role in ((part.train, "train"), (evaluation, "eval")):
-            converted = to_sft_rows(raw, task, source_name(task, role))
+            converted = convert(raw, task, source_name(task, role))
             rows.append(converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]))
         return rows[0], rows[1]
-    train = [_part_rows(part, part.train, task) for part in parts]
-    held_out = [_part_rows(part, part.eval, task) for part in parts if part.eval is not None]
-    held_out += [_part_rows(part, part.train, task) for part in eval_parts]
+    train = [_part_rows(part, part.train, task, convert) for part in parts]
+    held_out = [_part_rows(part, part.eval, task, convert) for part in parts if part.eval is not None]
+    held_out += [_part_rows(part, part.train, task, convert) for part in eval_parts]
     train = mix(train, [part.source.weight for part in parts], task.train.seed)
     return _concatenated(train), _concatenated(held_out)
 
 
-def _part_rows(part: Part, raw: Dataset, task: Task) -> Dataset:
-    converted = to_sft_rows(raw, source_task(task, part.source), part.name)
+def _part_rows(part: Part, raw: Dataset, task: Task, convert: Callable[[Dataset, Task, str], Dataset]) -> Dataset:
+    converted = convert(raw, source_task(task, part.source), part.name)
     return converted.add_column(ROW_COLUMN, raw[ROW_COLUMN]).add_column(SOURCE_COLUMN, [part.name] * len(raw))
 
 
@@ -86,15 +95,6 @@ def _concatenated(parts: list[Dataset]) -> Dataset:
 
 def _as_messages(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": row["prompt"] + row["completion"]}
-
-
-def prepare_pairs(task: Task) -> tuple[Dataset, Dataset]:
-    """TRL-ready preference (DPO) train/eval pairs."""
-    train_raw, eval_raw = load_splits(task)
-    return (
-        to_preference_rows(train_raw, task, source_name(task, "train")),
-        to_preference_rows(eval_raw, task, source_name(task, "eval")),
-    )
 
 
 def to_sft_rows(dataset: Dataset, task: Task, source_name: str) -> Dataset:

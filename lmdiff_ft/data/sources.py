@@ -50,17 +50,18 @@ def load_parts(task: Task) -> tuple[list[Part], list[Part]]:
         held_out = None
         if task.data.eval is None:
             rows, held_out = _split(rows, task, source)
-        limit = source.max_samples if source.max_samples is not None else task.data.max_samples
-        if limit is not None:
-            rows = rows.select(range(min(len(rows), limit)))
-        parts.append(Part(key, source, rows, held_out))
+        parts.append(Part(key, source, _first(rows, source.max_samples or task.data.max_samples), held_out))
     eval_many = isinstance(task.data.eval, list)
     eval_parts = [
-        Part(key, source, load_source(source, "eval", key), None)
+        Part(key, source, _first(load_source(source, "eval", key), source.max_samples), None)
         for index, source in enumerate(task.data.sources("eval"))
         for key in [f"data.eval[{index}]" if eval_many else "data.eval"]
     ]
     return parts, eval_parts
+
+
+def _first(rows: Dataset, limit: int | None) -> Dataset:
+    return rows if limit is None else rows.select(range(min(len(rows), limit)))
 
 
 def load_source(source: DataSource, role: str, key: str | None = None) -> Dataset:
@@ -78,15 +79,6 @@ def load_source(source: DataSource, role: str, key: str | None = None) -> Datase
     if len(dataset) == 0:
         raise UserError(f"{_display(source.path)}: the dataset has no rows ({key})")
     return dataset.add_column(ROW_COLUMN, list(range(1, len(dataset) + 1)))
-
-
-def load_splits(task: Task) -> tuple[Dataset, Dataset]:
-    """Train and eval rows; without `data.eval`, a seeded `data.eval_fraction` of the train rows; then max_samples."""
-    parts, eval_parts = load_parts(task)
-    if len(parts) > 1 or len(eval_parts) > 1:
-        raise UserError(f"{source_name(task, 'train')}: several sources; their rows are read by prepare_rows")
-    (part,) = parts
-    return part.train, eval_parts[0].train if eval_parts else part.eval
 
 
 def _load_file(path: Path, source: DataSource, key: str) -> Dataset:

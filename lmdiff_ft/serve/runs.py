@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters.known_base import BASE_INFO_FILE
-from ..data.rows import Prompt, user_texts, wrapped_prompt
-from ..data.sources import load_splits
+from ..data.rows import Prompt, source_task, user_texts, wrapped_prompt
+from ..data.sources import load_parts
 from ..errors import UserError
 from ..outputs import COMPLETION_MARKER
 from ..schema.load import load_task
@@ -114,15 +114,20 @@ def task_prompt(task: Task | None, text: str) -> Prompt:
 
 
 def example_prompts(task: Task, limit: int = 8) -> list[str]:
-    """The first eval rows, as a user would type them into the prompt box."""
+    """The first eval rows (of each source in turn), as a user would type them into the prompt box."""
     if task.data.format == "text":
         return []
     try:
-        _, rows = load_splits(task)
+        parts, eval_parts = load_parts(task)
     except UserError:  # the data moved since training: the app works without examples
         return []
-    rows = rows.select(range(min(limit, len(rows))))
-    field = single_placeholder(task)
-    if field is not None:
-        return [str(row[field]) for row in rows]
-    return user_texts(rows, task, "eval")
+    held_out = [(part, part.train) for part in eval_parts] or [(part, part.eval) for part in parts]
+    prompts = []
+    for part, rows in held_out:
+        rows = rows.select(range(min(limit - len(prompts), len(rows))))
+        field = single_placeholder(task)
+        if field is not None:
+            prompts += [str(row[field]) for row in rows]
+        else:
+            prompts += user_texts(rows, source_task(task, part.source), part.name)
+    return prompts
