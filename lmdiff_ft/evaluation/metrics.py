@@ -52,17 +52,25 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def label_words(text: str) -> str:
+    """A label's words: `earth_science`, `Earth science.` and `earth-science` are all 'earth science'
+    (normalize_answer alone would strip the underscore and glue the words together)."""
+    return normalize_answer(re.sub(r"[_-]", " ", text))
+
+
 def predicted_label(prediction: str, labels: list[str] | None) -> str:
-    """The label a generation names: its first word-sequence that is a known label, else the text itself."""
-    normalized = normalize_answer(prediction)
-    for label in sorted(labels or [], key=len, reverse=True):
-        if normalized.startswith(normalize_answer(label)):
+    """The label a generation names: the longest known label its words start with, whole words only
+    ('planetary science' names planetary, 'planetarium' does not); else the generation's words."""
+    words = label_words(prediction)
+    for label in sorted(labels or [], key=lambda label: len(label_words(label)), reverse=True):
+        target = label_words(label)
+        if words == target or words.startswith(target + " "):
             return label
-    return normalized
+    return words
 
 
 def accuracy(prediction: str, reference: str, labels: list[str] | None = None) -> float:
-    return float(normalize_answer(predicted_label(prediction, labels)) == normalize_answer(reference))
+    return float(label_words(predicted_label(prediction, labels)) == label_words(reference))
 
 
 def score(metric: str, predictions: list[str], references: list[str], labels: list[str] | None = None) -> float:
