@@ -1,6 +1,7 @@
 """The `lmdiff-ft` command: a thin layer over library functions. User mistakes print one line, exit 2."""
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -115,12 +116,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .schema.load import load_task
 
     results = evaluate_models(load_task(args.task, args.overrides), args.adapter)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
     table = Table(title=f"evaluation on {args.task}")
     table.add_column("metric")
     for name in results:
         table.add_column(name, justify="right")
-    for key in next(iter(results.values())):
-        table.add_row(key, *(f"{r[key]:.4f}" for r in results.values()))
+    for key in dict.fromkeys(key for scores in results.values() for key in scores):  # "kept": adapters only
+        table.add_row(key, *(f"{r[key]:.4f}" if key in r else "" for r in results.values()))
     Console().print(table)
 
 
@@ -171,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", help="task YAML file (its data, template and eval settings are used)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=100")
     evaluate.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable)")
+    evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
     evaluate.set_defaults(handler=cmd_eval)
 
     convert = commands.add_parser(

@@ -88,6 +88,12 @@ FORMATS = {
         "Armstrong</s>",
         "Who flew Apollo 11?",
     ),
+    "sharegpt": (
+        {"conversations": [{"from": "human", "value": "Who flew Apollo 11?"}, {"from": "gpt", "value": "Armstrong"}]},
+        "data: {train: d.jsonl, eval: d.jsonl, format: sharegpt}",
+        "Armstrong</s>",
+        "Who flew Apollo 11?",
+    ),
     "alpaca": (
         {"instruction": "Name the planet.", "input": "It has the Great Red Spot.", "output": "Jupiter"},
         "data: {train: d.jsonl, eval: d.jsonl, format: alpaca}",
@@ -108,6 +114,25 @@ def test_dry_run_trains_on_the_answer_only(tmp_path, tiny_base_path, data_format
         assert trained_text(example, tokenizer) == answer
         assert prompt_part in untrained_text(example, tokenizer)
     assert not (tmp_path / "runs" / "qa").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("data_format", ["chat prompt/completion", "plain template", "sharegpt"])
+def test_train_on_inputs_trains_on_the_prompt_too(tmp_path, tiny_base_path, data_format):
+    row, data, answer, prompt_part = FORMATS[data_format]
+    write_jsonl(tmp_path / "d.jsonl", [row] * 4)
+    task = load_task(write_task(tmp_path, tiny_base_path, data + "\ntrain: {train_on_inputs: true}\n"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_path)
+    for example in run_sft(task, dry_run=True):
+        assert prompt_part in trained_text(example, tokenizer) and answer.strip() in trained_text(example, tokenizer)
+
+
+def test_a_conversation_trains_on_every_assistant_turn(tmp_path, tiny_base_path):
+    turns = [("human", "Hi there"), ("gpt", "Hello one"), ("human", "Again"), ("gpt", "Hello two")]
+    write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": f, "value": v} for f, v in turns]}] * 4)
+    task = load_task(write_task(tmp_path, tiny_base_path, "data: {train: d.jsonl, eval: d.jsonl, format: sharegpt}\n"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_path)
+    for example in run_sft(task, dry_run=True):
+        assert trained_text(example, tokenizer) == "Hello one</s>Hello two</s>"
 
 
 def test_text_format_trains_on_every_token(tmp_path, tiny_base_path):
@@ -204,6 +229,55 @@ def test_task_errors_are_one_line_with_exit_2(qa_task, capsys):
     assert "/nonexistent/base" in capsys.readouterr().err
 
 
+TRAIN_SECTION = {  # a value other than the default for every train.* key the trainer's arguments take
+    "epochs": 2.5, "max_steps": 7, "lr": 3.0e-4, "lr_scheduler": "constant_with_warmup", "warmup_ratio": 0.1,
+    "weight_decay": 0.01, "batch_size": 2, "grad_accum": 3, "max_length": 48, "seed": 7, "logging_steps": 2,
+    "save_steps": 4, "eval_steps": 2, "eval_strategy": "steps", "load_best_model_at_end": True,
+    "metric_for_best_model": "exact_match", "eval_generation_samples": 2, "save_total_limit": 3,
+    "gradient_checkpointing": True, "optim": "adafactor", "report_to": ["tensorboard", "mlflow"],
+    "train_on_inputs": True, "packing": True, "extra_args": {"max_grad_norm": 0.3, "neftune_noise_alpha": 5.0},
+}  # fmt: skip
+TRAINER_ARGUMENTS = {  # what each reaches the trainer as (SFTConfig's names)
+    "num_train_epochs": 2.5, "max_steps": 7, "learning_rate": 3.0e-4, "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 0.1, "weight_decay": 0.01, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+    "gradient_accumulation_steps": 3, "max_length": 48, "seed": 7, "data_seed": 7, "logging_steps": 2,
+    "save_steps": 4, "eval_steps": 2, "eval_strategy": "steps", "save_strategy": "steps",
+    "load_best_model_at_end": True, "metric_for_best_model": "eval_exact_match", "greater_is_better": True,
+    "save_total_limit": 3, "gradient_checkpointing": True, "optim": "adafactor",
+    "report_to": ["tensorboard", "mlflow"], "run_name": "qa", "completion_only_loss": False, "packing": True,
+    "max_grad_norm": 0.3, "neftune_noise_alpha": 5.0,
+}  # fmt: skip
+# train.* keys the recipe uses itself rather than passing them on
+USED_BY_THE_RECIPE = {
+    "early_stopping_patience", "eval_generation_samples", "push_to_hub", "hub_model_id", "hub_private"
+}  # fmt: skip
+
+
+def test_every_train_key_reaches_the_trainer(qa_task, monkeypatch):
+    """The task's train section, 1:1, in the arguments of the SFTTrainer that the recipe builds."""
+    import dataclasses
+
+    from lmdiff_ft.schema.task import TrainConfig
+
+    untested = {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_SECTION) - USED_BY_THE_RECIPE
+    assert not untested, f"map these train keys in TRAIN_SECTION/TRAINER_ARGUMENTS: {untested}"
+    built = []
+
+    class Built(Exception):
+        """Raised where the recipe builds its trainer: the arguments are all this test needs."""
+
+    def build(**kwargs):
+        built.append(kwargs["args"])
+        raise Built
+
+    monkeypatch.setattr(sft, "SFTTrainer", build)
+    overrides = [f"train.{key}={json.dumps(value)}" for key, value in TRAIN_SECTION.items()]
+    with pytest.raises(Built):
+        run_sft(load_task(qa_task, [*overrides, "eval.metrics=[exact_match]"]), dry_run=True)
+    (args,) = built
+    assert {name: getattr(args, name) for name in TRAINER_ARGUMENTS} == TRAINER_ARGUMENTS
+
+
 @pytest.mark.slow
 def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny_base_path, tmp_path, monkeypatch):
     elsewhere = tmp_path / "cwd"
@@ -252,12 +326,22 @@ def test_short_run_writes_a_complete_adapter_that_plain_peft_loads(qa_task, tiny
 
 
 @pytest.mark.slow
-def test_eval_compares_the_base_and_adapters(qa_task, tmp_path, capsys):
-    run_sft(load_task(qa_task))
+def test_eval_gives_the_numbers_of_the_runs_metrics(qa_task, tmp_path, capsys):
+    """`lmdiff-ft eval` on the base and a run's adapter gives the numbers the run's metrics.json holds before and
+    after training: the same rows, prompts and decoding."""
+    metrics = run_sft(load_task(qa_task))
     adapter = str(tmp_path / "runs" / "qa")
+    capsys.readouterr()
+    assert main(["eval", qa_task, "--adapter", adapter, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    keys = ["eval_loss", "eval_perplexity", "eval_exact_match", "eval_rouge_l", "train_exact_match", "train_rouge_l"]
+    for key in keys:
+        assert results["base"][key] == pytest.approx(metrics["before"][key], rel=1e-5), key
+        assert results[adapter][key] == pytest.approx(metrics["after"][key], rel=1e-5), key
+    assert results[adapter]["eval_loss"] < results["base"]["eval_loss"]
     assert main(["eval", qa_task, "--adapter", adapter, "eval.num_samples=2", "eval.train_samples=0"]) == 0
-    out = capsys.readouterr().out
-    assert "eval_loss" in out and "base" in out and adapter[-20:] in out
+    table = capsys.readouterr().out
+    assert f"{results[adapter]['eval_loss']:.4f}" in table and f"{results['base']['eval_loss']:.4f}" in table
 
 
 def run_cli(args, **kwargs):
