@@ -167,9 +167,7 @@ def measure(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
         load_peak = after_load["VmHWM"]
         footprint = model.get_memory_footprint()
 
-        model = attach_adapters(
-            model, AdapterConfig(r=LORA_RANK, alpha=2 * LORA_RANK), gradient_checkpointing=True
-        )
+        model = attach_adapters(model, AdapterConfig(r=LORA_RANK, alpha=2 * LORA_RANK), gradient_checkpointing=True)
         # what the Trainer does with gradient_checkpointing=True; prepare_model_for_kbit_training already did it
         # for the quantized bases, attach_adapters leaves it to the trainer on a full-precision one
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

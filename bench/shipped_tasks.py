@@ -1,6 +1,6 @@
 """The shipped tasks run exactly as the README says, their metrics kept as committed results.
 
-    python -m bench.shipped_tasks                     # nasa_qa, then DPO continuing it, then mission_type
+    python -m bench.shipped_tasks                     # nasa_qa, DPO continuing it, mission_type, nasa_qa_mixed
     python -m bench.shipped_tasks --only nasa_qa      # one of them (nasa_qa_dpo needs nasa_qa's run first)
 
 Each run is `lmdiff-ft sft|dpo TASK` in a fresh process, written to runs/shipped/NAME (runs/ is not committed);
@@ -28,6 +28,7 @@ SHIPPED = {
     "nasa_qa": ("sft", "tasks/nasa_qa.yaml", []),
     "nasa_qa_dpo": ("dpo", "tasks/nasa_qa_dpo.yaml", [f"adapter.init_adapter={RUNS}/nasa_qa"]),
     "mission_type": ("sft", "tasks/mission_type.yaml", []),
+    "nasa_qa_mixed": ("sft", "tasks/nasa_qa_mixed.yaml", []),  # docs/tasks.md, "Everything together"
 }
 
 

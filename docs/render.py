@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -143,6 +145,24 @@ def mission_type() -> str:
     metrics = result("tasks/mission_type")["metrics"]
     keys = ["eval_loss", "eval_accuracy", "train_accuracy"]
     return paragraphs(before_after(metrics, keys), task_run("mission_type"), source("tasks/mission_type"))
+
+
+def nasa_qa_mixed() -> str:
+    """docs/tasks.md's "Everything together": what the run logged at each evaluation, and what it published."""
+    if missing := not_run_yet("nasa_qa_mixed"):
+        return missing
+    metrics = result("tasks/nasa_qa_mixed")["metrics"]
+    before_after_table = before_after(metrics, ["eval_loss", "eval_exact_match", "eval_f1", "retention_accuracy"])
+    curve = table(["step", "eval loss"], [[str(p["step"]), f"{p['eval_loss']:.3f}"] for p in metrics["eval_curve"]])
+    best = metrics.get("best_checkpoint")
+    published = (
+        f"Training stopped at step {metrics['global_step']} and published checkpoint-{best['step']} "
+        f'(exact match {best["metric"]:.3f} on the 16 answers scored during training); the table\'s "after" is '
+        f"that checkpoint on every eval row, and `retention_kept` is {metrics['after'].get('retention_kept', 0):.3f}."
+        if best
+        else f"Training ran {metrics['global_step']} steps."
+    )
+    return paragraphs(before_after_table, curve, published, task_run("nasa_qa_mixed"), source("tasks/nasa_qa_mixed"))
 
 
 # --- benchmarks (bench/results/) --------------------------------------------------------------------------------
@@ -363,10 +383,44 @@ def sweep_targets() -> str:
     )
 
 
+def sweep_overview() -> str:
+    """The README's view of the shipped sweep: per cell, what it learns on each task and what it keeps of the base's
+    general answers, with the sweep's own noise verdicts against the default (sweeps/targets/summary.json)."""
+    from lmdiff_ft.commands.sweep_summary import delta_text, shown, versus
+
+    summary = json.loads((ROOT / "sweeps" / "targets" / "summary.json").read_text())
+    stats = {(c["task"], c["cell"]): c["metrics"] for c in summary["cells"]}
+    reference = summary["reference"]
+    cells = list(yaml.safe_load((ROOT / "sweeps" / "targets.yaml").read_text())["cells"])  # the sweep file's order
+    primary = {"nasa_qa": "after.eval_exact_match", "mission_type": "after.eval_accuracy"}
+    rows = []
+    for cell in cells:
+        row = [f"`{cell}`", f"{stats[('nasa_qa', cell)]['trainable_parameters']['mean']:,.0f}"]
+        for task, metric in primary.items():
+            ours, theirs = stats.get((task, cell), {}), stats.get((task, reference), {})
+            difference, verdict = versus(ours.get(metric), theirs.get(metric))
+            n = ours.get(metric, {}).get("n", 0)
+            row += [
+                f"{shown(ours.get(metric))} (n={n})",
+                "reference" if cell == reference else delta_text(difference, verdict),
+            ]
+            row.append(shown(ours.get("after.retention_kept")))
+        rows.append(row)
+    header = ["cell", "trainable params", "nasa_qa exact match", "Δ", "kept", "mission_type accuracy", "Δ", "kept"]
+    return paragraphs(
+        table(header, rows),
+        "Mean ± std over seeds; Δ against `default` is *beyond noise* when it exceeds twice its standard error. "
+        "kept: the share of the general questions the base answered correctly that it still answers after training. "
+        "Every column per task, and the plots: [docs/sweep.md](docs/sweep.md).",
+        "![nasa_qa](sweeps/targets/nasa_qa.png)",
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "main-job": main_job,
     "main-job-dpo": main_job_dpo_line,
     "nasa-qa": nasa_qa,
+    "nasa-qa-mixed": nasa_qa_mixed,
     "nasa-qa-dpo": nasa_qa_dpo,
     "mission-type": mission_type,
     "sft-step": sft_step,
@@ -378,6 +432,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "transformers-model-tests": transformers_model_tests,
     "app-load": app_load,
     "sweep-targets": sweep_targets,
+    "sweep-overview": sweep_overview,
 }
 
 
