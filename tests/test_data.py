@@ -8,12 +8,13 @@ import pytest
 from datasets import Dataset, DatasetDict
 from rich.console import Console
 
-from lmdiff_ft.data.rows import REFERENCE_COLUMN, prepare_rows, to_preference_rows, to_sft_rows
+from lmdiff_ft.data.rows import REFERENCE_COLUMN, prepare_pairs, prepare_rows, to_preference_rows, to_sft_rows
 from lmdiff_ft.data.sources import ROW_COLUMN, SOURCE_COLUMN, load_parts, load_source, source_name
 from lmdiff_ft.errors import UserError
 from lmdiff_ft.recipes.preview import print_mix
 from lmdiff_ft.schema.load import load_task
 from lmdiff_ft.schema.task import DataSource, Task
+from lmdiff_ft.serve.runs import example_prompts
 
 QA_ROWS = [{"question": f"Question {i}?", "answer": f"Answer {i}"} for i in range(1, 11)]
 
@@ -483,3 +484,26 @@ def test_eval_sources_of_their_own_formats_and_caps(tmp_path):
         "  qa.jsonl: 15 train rows (50% of the mix), 20 eval rows",
         "  chat.jsonl: 15 train rows (50% of the mix), 4 eval rows",
     ]
+
+
+def test_preference_pairs_from_several_sources(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Q{i}?", "chosen": f"C{i}", "rejected": f"R{i}"} for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"question": f"P{i}?", "good": f"G{i}", "bad": f"B{i}"} for i in range(10)])
+    mapped = "{path: b.jsonl, fields: {prompt: question, chosen: good, rejected: bad}, weight: 1}"
+    text = f"name: t\nbase: tiny\ndata:\n  eval_fraction: 0.2\n  train: [{{path: a.jsonl, weight: 3}}, {mapped}]\n"
+    (tmp_path / "task.yaml").write_text(text + "preference: {}\n", encoding="utf-8")
+    train, held_out = prepare_pairs(load_task(tmp_path / "task.yaml"))
+    assert Counter(train[SOURCE_COLUMN]) == {"a.jsonl": 12, "b.jsonl": 4}  # 3:1 of 8 + 8
+    assert Counter(held_out[SOURCE_COLUMN]) == {"a.jsonl": 2, "b.jsonl": 2}
+    pair = train.to_list()[train[SOURCE_COLUMN].index("b.jsonl")]
+    number = pair[ROW_COLUMN] - 1  # each pair still knows its row in its file
+    assert pair["prompt"][-1]["content"] == f"P{number}?" and pair["chosen"][0]["content"] == f"G{number}"
+    assert pair["rejected"][0]["content"] == f"B{number}"
+
+
+def test_the_apps_example_prompts_come_from_every_held_out_source(tmp_path):
+    """The app's example prompts: each source's held-out rows in turn, as a user would type them."""
+    task = mixed_task(tmp_path, WEIGHTED)
+    prompts = example_prompts(task, limit=8)  # 4 held out of qa.jsonl, 2 of chat.jsonl
+    assert [p[0] for p in prompts] == list("QQQQHH") and prompts[-1].startswith("Hi ")
+    assert example_prompts(task, limit=3) == prompts[:3]
