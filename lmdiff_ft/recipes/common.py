@@ -149,15 +149,10 @@ def training_arguments(
     return config_class(**arguments, **task.train.extra_args, **extra)
 
 
-def eval_strategy(task: Task) -> str:
-    """`train.eval_strategy`, or by default: every `eval_steps` when set, else no evaluation during training."""
-    return task.train.eval_strategy or ("steps" if task.train.eval_steps else "no")
-
-
 def trainer_arguments(task: Task, out: Path, base: LoadedBase, gradient_checkpointing: bool) -> dict:
     """The arguments the task sets (schema/task.py OWNED_TRAINER_ARGUMENTS names each one's key)."""
     t = task.train
-    strategy = eval_strategy(task)
+    strategy = t.evaluation_strategy()
     return dict(
         output_dir=str(out),
         num_train_epochs=t.epochs,

@@ -480,7 +480,7 @@ def _check_train(task: Task) -> None:
     for logger in t.report_to:
         if importlib.util.find_spec(logger) is None:
             raise _Invalid(f"train.report_to: {logger} is not installed (pip install 'lmdiff-ft[loggers]')")
-    strategy = t.eval_strategy or ("steps" if t.eval_steps else "no")
+    strategy = t.evaluation_strategy()
     if strategy == "steps" and not t.eval_steps:
         raise _Invalid("train.eval_strategy: 'steps' needs train.eval_steps (evaluate every N steps)")
     if (t.load_best_model_at_end or t.early_stopping_patience) and strategy == "no":

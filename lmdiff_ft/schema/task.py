@@ -242,6 +242,10 @@ class TrainConfig:
     hub_model_id: str | None = None  # 'org/name'
     hub_private: bool = True
 
+    def evaluation_strategy(self) -> str:
+        """`eval_strategy`, or by default: every `eval_steps` when set, else no evaluation during training."""
+        return self.eval_strategy or ("steps" if self.eval_steps else "no")
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
