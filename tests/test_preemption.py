@@ -53,7 +53,17 @@ def qa_task(tmp_path, tiny_base_path):
     return write_task(tmp_path, tiny_base_path, QA_BODY)
 
 
-def test_a_signal_asks_for_a_checkpoint_and_a_stop_at_the_step_end_and_a_later_one_acts_at_once(monkeypatch):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler, whatever the process inherited (a shell's background job ignores SIGINT)."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_signal_asks_for_a_checkpoint_and_a_stop_at_the_step_end_and_a_later_one_acts_at_once(
+    monkeypatch, python_ctrl_c
+):
     callback = StopOnSignal()
     previous = signal.getsignal(signal.SIGINT)
     callback.install()
