@@ -5,6 +5,7 @@ from typing import get_args
 
 import pytest
 
+from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
 from lmdiff_ft.schema.load import load_task
 from lmdiff_ft.schema.task import Task, parse_layers, template_fields
@@ -322,9 +323,7 @@ def test_format_and_template_rules(tmp_path, section, expected):
 SOURCES = "name: qa\nbase: tiny\ndata:\n  train:\n    - a.jsonl\n    - {path: b.jsonl, format: sharegpt, weight: 1}\n"
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
+NEW_KEY_ERRORS = [
         # several sources (issue 23)
         ("name: qa\nbase: tiny\ndata: {train: []}\n", "data.train: expected a mapping that is not empty, got []"),
         ("name: qa\nbase: tiny\ndata: {train: [a.jsonl, 5]}\n", "data.train[1]: expected a string or a mapping"),
@@ -370,10 +369,20 @@ SOURCES = "name: qa\nbase: tiny\ndata:\n  train:\n    - a.jsonl\n    - {path: b.
          "train.eval_generation_samples: SFT only (during DPO training the evaluations report the DPO loss"),
         (MINIMAL + "train: {push_to_hub: true}\n", "train.hub_model_id: push_to_hub needs a Hub repo id"),
         (MINIMAL + "train: {push_to_hub: true, hub_model_id: nope}\n", "got 'nope'"),
-    ],
-)  # fmt: skip
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), NEW_KEY_ERRORS)
 def test_new_keys_give_one_line_errors(tmp_path, text, expected):
     assert expected in load_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(("text", "expected"), NEW_KEY_ERRORS)
+def test_new_keys_errors_reach_the_command_line_as_one_line_and_exit_2(tmp_path, capsys, text, expected):
+    command = "dpo" if "preference:" in text else "sft"
+    assert main([command, str(write_task(tmp_path, text)), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and captured.err.count("\n") == 1 and expected in captured.err
 
 
 def test_an_uninstalled_logger_is_one_line(tmp_path, monkeypatch):
