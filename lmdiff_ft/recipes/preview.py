@@ -75,8 +75,8 @@ def print_mix(train_rows: Dataset, eval_rows: Dataset, console: Console) -> None
     train_names, eval_names = list(train_rows[SOURCE_COLUMN]), list(eval_rows[SOURCE_COLUMN])
     train, held_out = Counter(train_names), Counter(eval_names)
     for name in dict.fromkeys(train_names + eval_names):
-        if not train[name]:  # a data.eval source
-            console.print(f"  {name}: {held_out[name]} eval rows")
-            continue
-        share = 100 * train[name] / len(train_rows)
-        console.print(f"  {name}: {train[name]} train rows ({share:.0f}% of the mix), {held_out[name]} eval rows")
+        line = f"  {name}: {held_out[name]} eval rows"  # a data.eval source
+        if train[name]:
+            share = 100 * train[name] / len(train_rows)
+            line = f"  {name}: {train[name]} train rows ({share:.0f}% of the mix), {held_out[name]} eval rows"
+        console.print(line, soft_wrap=True)  # one line per source, however long its path
