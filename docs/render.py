@@ -154,13 +154,19 @@ def nasa_qa_mixed() -> str:
     metrics = result("tasks/nasa_qa_mixed")["metrics"]
     before_after_table = before_after(metrics, ["eval_loss", "eval_exact_match", "eval_f1", "retention_accuracy"])
     curve = table(["step", "eval loss"], [[str(p["step"]), f"{p['eval_loss']:.3f}"] for p in metrics["eval_curve"]])
-    best = metrics.get("best_checkpoint")
+    best, steps = metrics["best_checkpoint"], metrics["global_step"]
+    max_steps = yaml.safe_load((ROOT / "tasks" / "nasa_qa_mixed.yaml").read_text())["train"]["max_steps"]
+    stopped = (
+        f"Early stopping ended training at step {steps} of {max_steps}"
+        if steps < max_steps
+        else (
+            f"Training ran its {max_steps} steps (exact match did not improve for fewer evaluations than the patience)"
+        )
+    )
     published = (
-        f"Training stopped at step {metrics['global_step']} and published checkpoint-{best['step']} "
-        f'(exact match {best["metric"]:.3f} on the 16 answers scored during training); the table\'s "after" is '
-        f"that checkpoint on every eval row, and `retention_kept` is {metrics['after'].get('retention_kept', 0):.3f}."
-        if best
-        else f"Training ran {metrics['global_step']} steps."
+        f"{stopped}; the best checkpoint by exact match on the 16 answers scored during training was step "
+        f'{best["step"]} ({best["metric"]:.3f}), so the run published checkpoint-{best["step"]}. The table\'s "after" '
+        f"is that checkpoint on every eval row; `retention_kept` is {metrics['after']['retention_kept']:.3f}."
     )
     return paragraphs(before_after_table, curve, published, task_run("nasa_qa_mixed"), source("tasks/nasa_qa_mixed"))
 
