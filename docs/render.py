@@ -157,16 +157,13 @@ def nasa_qa_mixed() -> str:
     best, steps = metrics["best_checkpoint"], metrics["global_step"]
     max_steps = yaml.safe_load((ROOT / "tasks" / "nasa_qa_mixed.yaml").read_text())["train"]["max_steps"]
     stopped = (
-        f"Early stopping ended training at step {steps} of {max_steps}"
-        if steps < max_steps
-        else (
-            f"Training ran its {max_steps} steps (exact match did not improve for fewer evaluations than the patience)"
-        )
+        f"early stopping ended training at step {steps}" if steps < max_steps else f"training ran all {steps} steps"
     )
     published = (
-        f"{stopped}; the best checkpoint by exact match on the 16 answers scored during training was step "
-        f'{best["step"]} ({best["metric"]:.3f}), so the run published checkpoint-{best["step"]}. The table\'s "after" '
-        f"is that checkpoint on every eval row; `retention_kept` is {metrics['after']['retention_kept']:.3f}."
+        f"Exact match on the 16 answers scored at each evaluation was best at step {best['step']} "
+        f"({best['metric']:.3f}) and not beaten after; {stopped}, and the run published checkpoint-{best['step']}. "
+        f'The table\'s "after" is that checkpoint on every eval row; `retention_kept` is '
+        f"{metrics['after']['retention_kept']:.3f}."
     )
     return paragraphs(before_after_table, curve, published, task_run("nasa_qa_mixed"), source("tasks/nasa_qa_mixed"))
 
