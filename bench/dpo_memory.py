@@ -3,8 +3,8 @@
     python -m bench.dpo_memory [--layers 2] [--quantization nf4] [--seq-len 256]
     python -m bench.dpo_memory --checkpoint DIR    # train on DIR; built there at the dims flags if missing
 
-Each trainer runs in a fresh process: load the base, attach the default presets, build TRL's trainer
-exactly as `lmdiff-ft sft` / `lmdiff-ft dpo` do, and train two steps on rows of `--seq-len` tokens
+Each trainer runs in a fresh process: load the base, attach the presets diff_attn, lambda and se_gate, build
+TRL's trainer exactly as `lmdiff-ft sft` / `lmdiff-ft dpo` do, and train two steps on rows of `--seq-len` tokens
 (a DPO row is a prompt with two answers of that total length, so it costs two sequences). DPO's
 reference is the frozen copy of the adapter on the same base, so no second model is loaded. Peak is
 the process's VmHWM. The base is a random LM-Diff at the dims flags (default: TinyLlama's layer shape,
@@ -25,6 +25,7 @@ from .common import add_dims_args, dims_from_args, peak_rss, run_worker, write_j
 from .qlora_memory import build_checkpoint, checkpoint_dir
 
 TRAINERS = ("sft", "dpo")
+PRESETS = ("diff_attn", "lambda", "se_gate")  # what the committed results were measured with
 
 
 def rows(kind: str, seq_len: int, n: int = 8) -> list[dict]:
@@ -52,7 +53,8 @@ def worker(kind: str, checkpoint: str, quantization: str, seq_len: int) -> dict:
     base = load_base(checkpoint, quantization=quantization, with_tokenizer=False)
     load_s = time.perf_counter() - started
     tokenizer = load_tokenizer(tiny_base_dir())
-    model = attach_adapters(base.model, AdapterConfig(r=16, alpha=32), gradient_checkpointing=True)
+    adapter = AdapterConfig(presets=list(PRESETS), r=16, alpha=32)
+    model = attach_adapters(base.model, adapter, gradient_checkpointing=True)
     common = dict(
         output_dir=tempfile.mkdtemp(),
         max_steps=2,

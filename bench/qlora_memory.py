@@ -42,6 +42,7 @@ GB = 1e9
 VARIANTS = ("nf4-stock", "nf4-streaming", "int8-stock", "int8-streaming", "none-stock")
 MALLOC_POLICIES = ("pinned", "glibc")
 LORA_RANK = 16
+PRESETS = ("diff_attn", "lambda", "se_gate")  # what the committed results were measured with
 
 
 def checkpoint_dir(dims: Dims) -> Path:
@@ -151,7 +152,7 @@ def load(variant: str, path: Path) -> torch.nn.Module:
 
 
 def measure(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
-    """Load, attach the default adapter presets with gradient checkpointing, one AdamW step; all in this process."""
+    """Load, attach the adapter presets with gradient checkpointing, one AdamW step; all in this process."""
     from lmdiff_ft.adapters.presets import attach_adapters
     from lmdiff_ft.integrations.glibc import pin_malloc_mmap_threshold
     from lmdiff_ft.schema.task import AdapterConfig
@@ -167,7 +168,8 @@ def measure(variant: str, malloc: str, path: Path, seq_len: int) -> dict:
         load_peak = after_load["VmHWM"]
         footprint = model.get_memory_footprint()
 
-        model = attach_adapters(model, AdapterConfig(r=LORA_RANK, alpha=2 * LORA_RANK), gradient_checkpointing=True)
+        adapter = AdapterConfig(presets=list(PRESETS), r=LORA_RANK, alpha=2 * LORA_RANK)
+        model = attach_adapters(model, adapter, gradient_checkpointing=True)
         # what the Trainer does with gradient_checkpointing=True; prepare_model_for_kbit_training already did it
         # for the quantized bases, attach_adapters leaves it to the trainer on a full-precision one
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -403,16 +403,18 @@ def sweep_overview() -> str:
             ours, theirs = stats.get((task, cell), {}), stats.get((task, reference), {})
             difference, verdict = versus(ours.get(metric), theirs.get(metric))
             n = ours.get(metric, {}).get("n", 0)
+            kept = ours.get("after.retention_kept")
+            kept_verdict = versus(kept, theirs.get("after.retention_kept"))[1]
             row += [
                 f"{shown(ours.get(metric))} (n={n})",
                 "reference" if cell == reference else delta_text(difference, verdict),
+                shown(kept) if cell == reference or not kept_verdict else f"{shown(kept)} ({kept_verdict})",
             ]
-            row.append(shown(ours.get("after.retention_kept")))
         rows.append(row)
     header = ["cell", "trainable params", "nasa_qa exact match", "Δ", "kept", "mission_type accuracy", "Δ", "kept"]
     return paragraphs(
         table(header, rows),
-        "Mean ± std over seeds; Δ against `default` is *beyond noise* when it exceeds twice its standard error. "
+        "Mean ± std over seeds; a difference from `default` is *beyond noise* when Welch's t-test finds it at 95%. "
         "kept: the share of the general questions the base answered correctly that it still answers after training. "
         "Every column per task, and the plots: [docs/sweep.md](docs/sweep.md).",
         "![nasa_qa](sweeps/targets/nasa_qa.png)",

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lmdiff_ft.cli import main
 from lmdiff_ft.commands.sweep import load_sweep
-from lmdiff_ft.commands.sweep_summary import aggregate, versus
+from lmdiff_ft.commands.sweep_summary import aggregate, fastest_step, versus
 from lmdiff_ft.errors import UserError
 from lmdiff_ft.evaluation.retention import contains_answer, load_retention_set, retention_kept
 from lmdiff_ft.recipes.sft import run_sft
@@ -129,6 +129,7 @@ def test_a_sweep_killed_after_its_first_run_continues_without_redoing_it(tmp_pat
     assert cells["large"]["trainable_parameters"]["mean"] > cells["small"]["trainable_parameters"]["mean"]
     result = json.loads(first.read_text())
     assert [p["step"] for p in result["eval_curve"]] == [0, 1, 2] and result["seconds_per_step"] > 0
+    assert result["resumed"] is False
     markdown = (tmp_path / "sweeps" / "demo" / "summary.md").read_text()
     assert "| `small` | 2 |" in markdown and "reference" in markdown
     assert (tmp_path / "sweeps" / "demo" / "qa.png").stat().st_size > 10_000
@@ -151,18 +152,43 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_task, cap
     assert "Failed runs (tried again by the next `lmdiff-ft sweep`): qa/bad/seed42" in capsys.readouterr().out
 
 
-def test_noise_is_twice_the_standard_error_of_the_difference():
-    def results(cell, values):
-        return [{"task": "t", "cell": cell, "before": {}, "after": {"eval_em": v}} for v in values]
+def stats_of(cells: dict[str, list[float]]) -> dict:
+    results = [{"task": "t", "cell": c, "before": {}, "after": {"eval_em": v}} for c, vs in cells.items() for v in vs]
+    return {cell: metrics["after.eval_em"] for (_, cell), metrics in aggregate(results).items()}
 
-    stats = aggregate(
-        results("ref", [0.50, 0.52, 0.48]) + results("a", [0.60, 0.62, 0.58]) + results("b", [0.3, 0.7, 0.5])
+
+def test_noise_is_welchs_t_test_at_95_percent():
+    stats = stats_of({"ref": [0.50, 0.52, 0.48], "a": [0.60, 0.62, 0.58], "b": [0.3, 0.7, 0.5]})
+    assert stats["a"]["n"] == 3 and stats["a"]["std"] == pytest.approx(0.02)
+    assert versus(stats["a"], stats["ref"]) == (pytest.approx(0.10), "beyond noise")
+    assert versus(stats["b"], stats["ref"]) == (pytest.approx(0.0), "within noise")
+    assert versus({**stats["a"], "n": 1}, stats["ref"])[1] == "n < 2"
+
+
+def test_three_seeds_need_more_than_two_standard_errors():
+    # 0.035 apart, standard error 0.014: twice the standard error would call it real; at about 3 degrees of freedom
+    # Welch's t-test needs 3.18 standard errors
+    stats = stats_of({"ref": [0.5833, 0.5833, 0.6042], "a": [0.6042, 0.625, 0.6458]})
+    difference, verdict = versus(stats["a"], stats["ref"])
+    assert difference == pytest.approx(0.0347, abs=1e-3) and verdict == "within noise"
+    assert versus(stats_of({"ref": [0.5833, 0.5833, 0.6042], "a": [0.6458, 0.6667, 0.6875]})["a"], stats["ref"])[1] == (
+        "beyond noise"
     )
-    a, b, ref = (stats[("t", c)]["after.eval_em"] for c in ("a", "b", "ref"))
-    assert a["n"] == 3 and a["std"] == pytest.approx(0.02)
-    assert versus(a, ref) == (pytest.approx(0.10), "beyond noise")
-    assert versus(b, ref) == (pytest.approx(0.0), "within noise")
-    assert versus({**a, "n": 1}, ref)[1] == "n < 2"
+
+
+def test_seeds_that_agree_exactly_are_not_taken_as_noise_free():
+    stats = stats_of({"ref": [0.90, 0.92], "same": [0.96, 0.96], "far": [0.99, 0.99], "equal": [0.9, 0.9]})
+    assert versus(stats["same"], stats["ref"])[1] == "within noise"  # the reference's spread stands in for both
+    assert versus(stats["far"], stats["ref"])[1] == "beyond noise"
+    assert versus(stats["same"], stats["equal"])[1] == "no seed spread"
+
+
+def test_timings_come_from_the_fastest_uninterrupted_seed():
+    def run(seconds, resumed):
+        return {"task": "t", "cell": "c", "seconds_per_step": seconds, "resumed": resumed}
+
+    assert fastest_step([run(10.7, False), run(0.04, True), run(16.1, False)], "t", "c") == "10.7"
+    assert fastest_step([run(0.04, True)], "t", "c") == ""
 
 
 # --- the plain-Llama baseline -----------------------------------------------------------------------------------

@@ -209,13 +209,13 @@ def write_result(path: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_one(sweep: Sweep, run: Run, log: Path) -> tuple[int, float]:
+def run_one(sweep: Sweep, run: Run, log: Path) -> tuple[int, float, bool]:
     """The run as `lmdiff-ft <command>` in a child process; SIGINT/SIGTERM are passed on to it, so that it saves a
-    checkpoint and stops. Returns its exit code and wall seconds."""
+    checkpoint and stops. Returns its exit code, wall seconds, and whether it continued from a checkpoint."""
     out = run_dir(sweep, run)
     resume = ["--resume"] if any(out.glob("checkpoint-*")) and not (out / "adapter_config.json").exists() else []
     if (out / "adapter_config.json").exists():
-        return 0, 0.0  # finished before its result file was written: only collect it
+        return 0, 0.0, True  # finished before its result file was written: only collect it (its timing is unknown)
     command = [sys.executable, "-m", "lmdiff_ft", sweep.command, str(run.task), *run.overrides, f"output_dir={out}"]
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -230,11 +230,11 @@ def run_one(sweep: Sweep, run: Run, log: Path) -> tuple[int, float]:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-    return code, time.time() - started
+    return code, time.time() - started, bool(resume)
 
 
-def collect(sweep: Sweep, run: Run, seconds: float, load: tuple[float, float]) -> dict:
-    """What the summary needs from a finished run: its metrics, loss curves, cost, and the machine's load."""
+def collect(sweep: Sweep, run: Run, seconds: float, resumed: bool) -> dict:
+    """What the summary needs from a finished run: its metrics, loss curves and cost."""
     out = run_dir(sweep, run)
     metrics = json.loads((out / "metrics.json").read_text())
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -257,8 +257,7 @@ def collect(sweep: Sweep, run: Run, seconds: float, load: tuple[float, float]) -
         "eval_curve": metrics.get("eval_curve", []),
         "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e],
         "wall_seconds": round(seconds, 1),
-        "load_average": {"start": load[0], "end": load[1]},  # above the core count, timings are not comparable
-        "cpu_count": os.cpu_count(),
+        "resumed": resumed,  # then train_seconds counts only the steps after the checkpoint
     }
 
 
@@ -281,14 +280,13 @@ def run_sweep(sweep: Sweep, console: Console | None = None) -> int:
     for number, run in enumerate(todo, start=len(runs) - len(todo) + 1):
         eta = f", about {duration(sum(spent) / len(spent) * (len(todo) - len(spent)))} left" if spent else ""
         console.print(f"[{number}/{len(runs)}] {run.key}{eta}")
-        load_start = os.getloadavg()[0]
         log = sweep.runs_dir / "logs" / f"{run.key.replace('/', '__')}.log"
-        code, seconds = run_one(sweep, run, log)
+        code, seconds, resumed = run_one(sweep, run, log)
         if code in STOPPED:
             console.print(f"sweep stopped during {run.key}; run the same command again to continue")
             return 143 if code in (143, -signal.SIGTERM) else 130
         if code == 0:
-            write_result(result_file(sweep, run), collect(sweep, run, seconds, (load_start, os.getloadavg()[0])))
+            write_result(result_file(sweep, run), collect(sweep, run, seconds, resumed))
             spent.append(seconds)
             continue
         failed += 1

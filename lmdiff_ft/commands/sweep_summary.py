@@ -1,8 +1,12 @@
 """A sweep's summary, from its result files alone: mean, std and n over seeds of every metric, a comparison with the
 reference cell that says whether a difference is beyond seed noise, and plots.
 
-Noise: a difference of means counts as real when it exceeds twice its standard error (Welch: the square root of
-s1²/n1 + s2²/n2), about a 95% interval; with fewer than 2 seeds on either side nothing is claimed.
+Noise: a difference of means counts as real when Welch's t-test rejects "no difference" at 95% (two-sided); with a
+handful of seeds its critical value is well above 2 (4.3 at 2 degrees of freedom, 2.8 at 4). With fewer than 2 seeds
+on either side nothing is claimed.
+
+Timings: the fastest seed that trained without interruption. Other work on the machine only slows a run down, and a
+resumed run's clock covers only the steps after its checkpoint.
 """
 
 import csv
@@ -56,15 +60,33 @@ def aggregate(results: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
     }
 
 
+# Student's t, two-sided 95% critical values by degrees of freedom (any standard table)
+T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13, 20: 2.09,
+        30: 2.04}  # fmt: skip
+
+
+def t_critical(degrees_of_freedom: float) -> float:
+    """The value for the nearest tabulated degrees of freedom at or below: never less strict than the exact one."""
+    return T_95[max(k for k in T_95 if k <= max(degrees_of_freedom, 1))]
+
+
 def versus(cell: dict | None, reference: dict | None) -> tuple[float, str]:
-    """The difference of means and whether it is beyond seed noise (2 standard errors)."""
+    """The difference of means and whether it is beyond seed noise (Welch's t-test at 95%)."""
     if not cell or not reference:
         return math.nan, ""
     difference = cell["mean"] - reference["mean"]
-    if cell["n"] < 2 or reference["n"] < 2:
+    n1, n2 = cell["n"], reference["n"]
+    if n1 < 2 or n2 < 2:
         return difference, "n < 2"
-    error = math.sqrt(cell["std"] ** 2 / cell["n"] + reference["std"] ** 2 / reference["n"])
-    return difference, ("beyond noise" if abs(difference) > 2 * error else "within noise")
+    s1, s2 = cell["std"], reference["std"]
+    if s1 == 0 or s2 == 0:  # seeds that agree exactly (a metric counted in whole questions) are not noise-free
+        s1 = s2 = max(s1, s2)
+    v1, v2 = s1**2 / n1, s2**2 / n2
+    if v1 + v2 == 0:
+        return difference, "within noise" if difference == 0 else "no seed spread"
+    degrees_of_freedom = (v1 + v2) ** 2 / (v1**2 / (n1 - 1) + v2**2 / (n2 - 1))  # Welch–Satterthwaite
+    beyond = abs(difference) > t_critical(degrees_of_freedom) * math.sqrt(v1 + v2)
+    return difference, "beyond noise" if beyond else "within noise"
 
 
 def delta_text(difference: float, verdict: str) -> str:
@@ -75,6 +97,12 @@ def shown(stat: dict | None, digits: int = 3) -> str:
     if not stat:
         return ""
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
+
+
+def fastest_step(results: list[dict], task: str, cell: str) -> str:
+    """Seconds per step of the cell's fastest seed among those that trained without interruption."""
+    times = [r["seconds_per_step"] for r in results if (r["task"], r["cell"]) == (task, cell) and not r.get("resumed")]
+    return f"{min(times):.1f}" if times else ""
 
 
 def task_columns(results: list[dict], task: str) -> tuple[str, list[str]]:
@@ -90,7 +118,8 @@ def task_columns(results: list[dict], task: str) -> tuple[str, list[str]]:
 def markdown(results: list[dict], stats: dict, reference: str, cells: list[str], failed: list[dict]) -> str:
     lines = [
         "Mean ± std over seeds (n seeds). Δ: the difference from the reference cell "
-        f"`{reference}` in the held-out metric; *beyond noise* when it exceeds twice its standard error.",
+        f"`{reference}` in the held-out metric; *beyond noise* when Welch's t-test finds it at 95%. "
+        "s/step: the fastest seed that trained without interruption.",
         "",
     ]
     for task in sorted({r["task"] for r in results}):
@@ -108,16 +137,10 @@ def markdown(results: list[dict], stats: dict, reference: str, cells: list[str],
             delta = "reference" if cell == reference else delta_text(*versus(s.get(primary), ref.get(primary)))
             n = max(v["n"] for v in s.values())
             row = [f"`{cell}`", str(n), *(shown(s.get(c)) for c in columns), delta]
-            row += [f"{s['trainable_parameters']['mean']:,.0f}", shown(s.get("seconds_per_step"), 1)]
+            row += [f"{s['trainable_parameters']['mean']:,.0f}", fastest_step(results, task, cell)]
             row += [shown(s.get("peak_rss_mib"), 0)]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    busy = [r for r in results if max(r["load_average"].values()) > r["cpu_count"]]
-    if busy:
-        lines.append(
-            f"Timings: {len(busy)} of {len(results)} runs ran while the machine's load average exceeded its "
-            f"{results[0]['cpu_count']} cores (other work beside them): their s/step are not comparable."
-        )
     if failed:
         names = ", ".join(f"{r['task']}/{r['cell']}/seed{r['seed']}" for r in failed)
         lines.append(f"Failed runs (tried again by the next `lmdiff-ft sweep`): {names}.")
