@@ -60,7 +60,8 @@ def test_quantized_load_keeps_sensitive_tensors_full_precision(tiny_base_path, q
 def test_qlora_training_moves_lambda_and_se_and_leaves_the_base_frozen(tiny_base_path, tmp_path):
     loaded = load_base(str(tiny_base_path), quantization="nf4")
     frozen_before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    model = attach_adapters(loaded.model, AdapterConfig(r=8, alpha=16, dropout=0.0), gradient_checkpointing=True)
+    adapter = AdapterConfig(presets=["diff_attn", "lambda", "se_gate"], r=8, alpha=16, dropout=0.0)
+    model = attach_adapters(loaded.model, adapter, gradient_checkpointing=True)
     tokens = batch(loaded.model.config.vocab_size)
     losses = train_steps(model, tokens)
     assert losses[-1] < losses[0] - 0.5, losses
@@ -89,7 +90,8 @@ def test_qlora_training_moves_lambda_and_se_and_leaves_the_base_frozen(tiny_base
 @torch.no_grad()
 def test_adapter_round_trip_through_plain_peft(tiny_base_path, tmp_path):
     loaded = load_base(str(tiny_base_path), quantization="none")
-    model = attach_adapters(loaded.model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    adapter = AdapterConfig(presets=["diff_attn", "lambda", "se_gate"], r=4, alpha=8, dropout=0.0)
+    model = attach_adapters(loaded.model, adapter)  # LoRA and a module saved whole
     with torch.enable_grad():
         train_steps(model, batch(loaded.model.config.vocab_size), steps=3)
     model.eval()

@@ -99,7 +99,7 @@ def start_run(
 
 # What one micro-batch keeps for the backward pass without recomputation, per token and decoder layer, in
 # values per unit of hidden size: measured 116 KB per token and layer for SmolLM2-135M as LM-Diff (hidden 576,
-# fp32, default presets; peak RSS at 4 x 147 and 16 x 147 tokens per micro-batch).
+# fp32, presets diff_attn, lambda and se_gate; peak RSS at 4 x 147 and 16 x 147 tokens per micro-batch).
 ACTIVATION_VALUES_PER_HIDDEN_UNIT = 50
 ACTIVATION_MEMORY_SHARE = 0.5  # recompute when one micro-batch's activations would take more of what is free
 
