@@ -41,7 +41,7 @@ def test_minimal_task_gets_every_default(tmp_path, monkeypatch):
     assert task.name == "qa" and task.source_path == path
     assert (task.base.path, task.base.seed, task.base.convert_from_llama) == ("tiny", 0, False)
     assert (task.quantization, task.dtype) == ("auto", "auto")
-    assert task.adapter.presets == ["diff_attn"]
+    assert task.adapter.presets == ["diff_attn", "lambda"]
     assert (task.adapter.r, task.adapter.alpha, task.adapter.dropout, task.adapter.layers) == (16, 32, 0.05, None)
     assert task.data.train.path == str(tmp_path / "tasks" / "data" / "train.jsonl")  # against the task's directory
     assert (task.data.train.split, task.data.eval, task.data.eval_fraction) == ("train", None, 0.1)

@@ -258,6 +258,7 @@ def collect(sweep: Sweep, run: Run, seconds: float, resumed: bool) -> dict:
         "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e],
         "wall_seconds": round(seconds, 1),
         "resumed": resumed,  # then train_seconds counts only the steps after the checkpoint
+        "cpu_count": os.cpu_count(),
     }
 
 

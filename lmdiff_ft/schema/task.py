@@ -147,7 +147,7 @@ class BaseConfig:
 
 @dataclass(kw_only=True)
 class AdapterConfig:
-    presets: list[PresetName] = field(default_factory=lambda: ["diff_attn"], metadata=NOT_EMPTY)  # sweeps/targets.yaml
+    presets: list[PresetName] = field(default_factory=lambda: ["diff_attn", "lambda"], metadata=NOT_EMPTY)  # README
     r: int = field(default=16, metadata=POSITIVE)
     alpha: int = field(default=32, metadata=POSITIVE)
     dropout: float = field(default=0.05, metadata=FRACTION)
