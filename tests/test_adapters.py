@@ -2,18 +2,18 @@
 
 import pytest
 import torch
-from conftest import TINY_BASE_DIMS
+from conftest import TINY_BASE_DIMS, tiny_llama
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lmdiff_ft.adapters.known_base import base_info, load_adapter, write_base_info
-from lmdiff_ft.adapters.presets import attach_adapters, resolve_targets
+from lmdiff_ft.adapters.presets import attach_adapters, dead_branch_warning, resolve_targets
 from lmdiff_ft.base.loading import load_base
 from lmdiff_ft.base.tiny import build_tiny_base
 from lmdiff_ft.cli import main
 from lmdiff_ft.errors import UserError
-from lmdiff_ft.model.convert import probe_logits
+from lmdiff_ft.model.convert import convert_llama_model, probe_logits
 from lmdiff_ft.schema.task import AdapterConfig
 
 FULL_PRECISION_KINDS = ("diff_lambda", "layernorm.weight", "token_mixing.conv", "se_gate", "subln")
@@ -85,6 +85,33 @@ def test_qlora_training_moves_lambda_and_se_and_leaves_the_base_frozen(tiny_base
     assert torch.equal(saved_lambda, trained_lambda.lambda_q1.detach())
     assert se_b.abs().sum() > 0  # LoRA B starts at zero: non-zero means it trained
     assert any("q2_proj.lora_A" in k for k in keys)
+
+
+def test_on_a_converted_llama_q2_k2_learn_only_when_lambda_trains():
+    """λ starts at exactly 0 after conversion, and q2/k2 act only through λ·A2·v: without `lambda` their LoRA never
+    gets a gradient (the default presets include it, and training without it is announced)."""
+    converted = convert_llama_model(tiny_llama())
+    tokens = batch(converted.config.vocab_size)
+    q2_gradient = {}
+    for presets in (["diff_attn"], ["diff_attn", "lambda"]):
+        model = attach_adapters(convert_llama_model(tiny_llama()), AdapterConfig(presets=presets, r=4, alpha=8))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        total = 0.0
+        for _ in range(3):  # the first step moves λ off zero, if it trains; then q2/k2 get gradients
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            total += sum(p.grad.abs().sum().item() for n, p in model.named_parameters() if "q2_proj.lora_" in n)
+            optimizer.step()
+            optimizer.zero_grad()
+        q2_gradient[len(presets)] = total
+    assert q2_gradient[1] == 0.0 and q2_gradient[2] > 0.0
+    assert "add lambda" in dead_branch_warning(converted, ["diff_attn"])
+    assert dead_branch_warning(converted, ["diff_attn", "lambda"]) is None
+    assert dead_branch_warning(converted, ["all"]) is None
+
+
+def test_a_base_with_lambda_of_its_own_trains_diff_attn_without_a_warning(tiny_base_path):
+    loaded = load_base(str(tiny_base_path), quantization="none")
+    assert dead_branch_warning(loaded.model, ["diff_attn"]) is None
 
 
 @torch.no_grad()

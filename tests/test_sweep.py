@@ -221,6 +221,16 @@ def test_a_plain_llama_trains_with_the_baseline_presets_and_refuses_lm_diffs(tmp
         run_sft(load_task(task, ["adapter.presets=[lambda]", f"output_dir={tmp_path / 'other'}"]))
 
 
+def test_diff_attn_alone_on_a_converted_llama_is_announced(tmp_path, tiny_llama_dir, capsys):
+    write_jsonl(tmp_path / "qa.jsonl", QA)
+    write_jsonl(tmp_path / "general.jsonl", GENERAL)
+    task = write_task(tmp_path, f"{{path: {tiny_llama_dir}, convert_from_llama: true}}", TINY_BODY)
+    run_sft(load_task(task, ["adapter.presets=[diff_attn]"]))
+    assert "warning: adapter.presets: diff_attn without lambda on a base whose λ is 0" in capsys.readouterr().out
+    run_sft(load_task(task, [f"output_dir={tmp_path / 'with_lambda'}"]))  # the default presets: diff_attn, lambda
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_a_llama_checkpoint_is_converted_trained_plain_or_refused_in_one_line(tmp_path, tiny_llama_dir, tiny_base_path):
     from lmdiff_ft.base.loading import load_base
 

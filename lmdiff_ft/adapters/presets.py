@@ -109,6 +109,21 @@ def resolve_targets(model: torch.nn.Module, presets: list[str], layers: list[int
     return targets
 
 
+def dead_branch_warning(model: torch.nn.Module, presets: list[str], layers: list[int] | None = None) -> str | None:
+    """q2/k2 act only through λ·A2·v. On a base whose λ is exactly 0 (a Llama just converted), LoRA on them gets no
+    gradient unless λ trains too: `diff_attn` alone would train q/k/v/o and carry q2/k2 weights that never move."""
+    if model.config.model_type != "lmdiff" or "diff_attn" not in presets or {"lambda", "all"} & set(presets):
+        return None
+    chosen = [layer for i, layer in enumerate(model.model.layers) if layers is None or i in layers]
+    with torch.no_grad():
+        if any(float(layer.self_attn.diff_lambda()) != 0.0 for layer in chosen):
+            return None
+    return (
+        "adapter.presets: diff_attn without lambda on a base whose λ is 0 (a converted Llama): q2/k2 get no gradient "
+        "and their LoRA stays zero; add lambda to train the second attention branch"
+    )
+
+
 def build_lora_config(targets: AdapterTargets, settings: AdapterConfig) -> LoraConfig:
     """The task's `adapter` section as PEFT's config, on the resolved module names."""
     return LoraConfig(

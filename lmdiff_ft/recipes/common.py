@@ -22,7 +22,7 @@ from transformers import EarlyStoppingCallback, set_seed
 from trl import SFTConfig
 
 from ..adapters.known_base import base_info, load_adapter, write_base_info
-from ..adapters.presets import attach_adapters
+from ..adapters.presets import attach_adapters, dead_branch_warning
 from ..base.loading import LoadedBase, default_device, load_base
 from ..errors import UserError
 from ..evaluation.report import model_card, plot_loss_curve, print_metrics_table, write_json
@@ -218,6 +218,10 @@ def load_model(task: Task, console: Console, sequences_per_row: int = 1) -> tupl
     # the adapter's initial weights depend on the seed alone, not on whether loading the base drew random
     # numbers (building the tiny base on first use, converting a Llama): the same command, the same adapter
     set_seed(task.train.seed)
+    if not task.adapter.init_adapter and (
+        warning := dead_branch_warning(base.model, task.adapter.presets, task.adapter.layers)
+    ):
+        console.print(f"warning: {warning}", markup=False, highlight=False)
     return base, model_with_adapters(base, task, checkpointing), checkpointing
 
 
