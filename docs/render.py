@@ -73,7 +73,10 @@ def load_note(document: dict) -> str:
 
 
 def before_after(metrics: dict, keys: list[str]) -> str:
+    """Before and after per metric; `retention_kept` exists only after (a share of what the base answered before)."""
     rows = [[f"`{key}`", f"{metrics['before'][key]:.3f}", f"{metrics['after'][key]:.3f}"] for key in keys]
+    if "retention_kept" in metrics["after"]:
+        rows.append(["`retention_kept`", "", f"{metrics['after']['retention_kept']:.3f}"])
     return table(["metric", "before", "after"], rows)
 
 
@@ -91,7 +94,7 @@ def task_run(name: str) -> str:
 
 # --- the shipped tasks (bench/results/tasks/) ---------------------------------------------------------------------
 
-SFT_KEYS = ["eval_loss", "eval_exact_match", "eval_f1", "train_exact_match", "train_f1"]
+SFT_KEYS = ["eval_loss", "eval_exact_match", "eval_f1", "train_exact_match", "train_f1", "retention_accuracy"]
 DPO_KEYS = [
     "preference_accuracy",
     "reference_preference_accuracy",
@@ -102,6 +105,7 @@ DPO_KEYS = [
     "sft_eval_f1",
     "sft_train_exact_match",
     "sft_train_f1",
+    "retention_accuracy",
 ]
 
 
@@ -143,7 +147,7 @@ def mission_type() -> str:
     if missing := not_run_yet("mission_type"):
         return missing
     metrics = result("tasks/mission_type")["metrics"]
-    keys = ["eval_loss", "eval_accuracy", "train_accuracy"]
+    keys = ["eval_loss", "eval_accuracy", "train_accuracy", "retention_accuracy"]
     return paragraphs(before_after(metrics, keys), task_run("mission_type"), source("tasks/mission_type"))
 
 
@@ -155,15 +159,15 @@ def nasa_qa_mixed() -> str:
     before_after_table = before_after(metrics, ["eval_loss", "eval_exact_match", "eval_f1", "retention_accuracy"])
     curve = table(["step", "eval loss"], [[str(p["step"]), f"{p['eval_loss']:.3f}"] for p in metrics["eval_curve"]])
     best, steps = metrics["best_checkpoint"], metrics["global_step"]
-    max_steps = yaml.safe_load((ROOT / "tasks" / "nasa_qa_mixed.yaml").read_text())["train"]["max_steps"]
+    train = yaml.safe_load((ROOT / "tasks" / "nasa_qa_mixed.yaml").read_text())["train"]
+    max_steps, scored = train["max_steps"], train["eval_generation_samples"]
     stopped = (
         f"early stopping ended training at step {steps}" if steps < max_steps else f"training ran all {steps} steps"
     )
     published = (
-        f"Exact match on the 16 answers scored at each evaluation was best at step {best['step']} "
+        f"Exact match on the {scored} answers scored at each evaluation was best at step {best['step']} "
         f"({best['metric']:.3f}) and not beaten after; {stopped}, and the run published checkpoint-{best['step']}. "
-        f'The table\'s "after" is that checkpoint on every eval row; `retention_kept` is '
-        f"{metrics['after']['retention_kept']:.3f}."
+        'The table\'s "after" is that checkpoint on every eval row.'
     )
     return paragraphs(before_after_table, curve, published, task_run("nasa_qa_mixed"), source("tasks/nasa_qa_mixed"))
 
@@ -377,28 +381,46 @@ def app_load() -> str:
 def sweep_targets() -> str:
     """The shipped sweep's summary exactly as `lmdiff-ft sweep` wrote it from its result files (sweeps/targets/)."""
     summary = (ROOT / "sweeps" / "targets" / "summary.md").read_text().strip()
-    runs = len(list((ROOT / "sweeps" / "targets" / "results").glob("*/*/seed*.json")))
+    results = [json.loads(p.read_text()) for p in (ROOT / "sweeps" / "targets" / "results").glob("*/*/seed*.json")]
+    finished = sum(r["status"] == "ok" for r in results)
+    sweep = yaml.safe_load((ROOT / "sweeps" / "targets.yaml").read_text())
+    planned = len(sweep["tasks"]) * len(sweep["cells"]) * len(sweep["seeds"])
+    hours = sum(r.get("wall_seconds", 0) for r in results) / 3600
     return paragraphs(
-        f"From `sweeps/targets/summary.md` ({runs} of 54 runs finished; rebuild with "
-        "`lmdiff-ft sweep sweeps/targets.yaml --summary-only`, continue with `lmdiff-ft sweep sweeps/targets.yaml`).",
+        f"From `sweeps/targets/summary.md` ({finished} of {planned} runs finished, {hours:.1f} h of runs on "
+        f"{results[0]['cpu_count']} CPU cores; `lmdiff-ft sweep sweeps/targets.yaml` runs what is missing, "
+        "`--summary-only` rebuilds the summary from the result files).",
         summary.replace("### ", "#### "),
         "![nasa_qa](../sweeps/targets/nasa_qa.png)\n\n![mission_type](../sweeps/targets/mission_type.png)",
     )
 
 
+def what_a_cell_trains(overrides: dict) -> str:
+    """A sweep cell's overrides in words: its presets, and the base, rank and dtype where it sets them."""
+    words = ", ".join(overrides.get("adapter.presets", ["the task's presets"]))
+    if overrides.get("base", "").endswith("-llama"):
+        words += " on the unconverted Llama"
+    if "adapter.r" in overrides:
+        words += f", r={overrides['adapter.r']}"
+    if "dtype" in overrides:
+        words += f", {overrides['dtype']}"
+    return words
+
+
 def sweep_overview() -> str:
     """The README's view of the shipped sweep: per cell, what it learns on each task and what it keeps of the base's
-    general answers, with the sweep's own noise verdicts against the default (sweeps/targets/summary.json)."""
+    general answers, with the sweep's own noise verdicts against its reference (sweeps/targets/summary.json)."""
     from lmdiff_ft.commands.sweep_summary import delta_text, shown, versus
 
     summary = json.loads((ROOT / "sweeps" / "targets" / "summary.json").read_text())
     stats = {(c["task"], c["cell"]): c["metrics"] for c in summary["cells"]}
     reference = summary["reference"]
-    cells = list(yaml.safe_load((ROOT / "sweeps" / "targets.yaml").read_text())["cells"])  # the sweep file's order
+    cells = yaml.safe_load((ROOT / "sweeps" / "targets.yaml").read_text())["cells"]  # the sweep file's order
     primary = {"nasa_qa": "after.eval_exact_match", "mission_type": "after.eval_accuracy"}
     rows = []
-    for cell in cells:
-        row = [f"`{cell}`", f"{stats[('nasa_qa', cell)]['trainable_parameters']['mean']:,.0f}"]
+    for cell, overrides in cells.items():
+        params = stats[("nasa_qa", cell)]["trainable_parameters"]["mean"]
+        row = [f"`{cell}`", what_a_cell_trains(overrides), f"{params:,.0f}"]
         for task, metric in primary.items():
             ours, theirs = stats.get((task, cell), {}), stats.get((task, reference), {})
             difference, verdict = versus(ours.get(metric), theirs.get(metric))
@@ -411,12 +433,14 @@ def sweep_overview() -> str:
                 shown(kept) if cell == reference or not kept_verdict else f"{shown(kept)} ({kept_verdict})",
             ]
         rows.append(row)
-    header = ["cell", "trainable params", "nasa_qa exact match", "Δ", "kept", "mission_type accuracy", "Δ", "kept"]
+    header = ["cell", "trains", "trainable params"]
+    header += ["nasa_qa exact match", "Δ", "kept", "mission_type accuracy", "Δ", "kept"]
     return paragraphs(
-        table(header, rows),
-        "Mean ± std over seeds; a difference from `default` is *beyond noise* when Welch's t-test finds it at 95%. "
-        "kept: the share of the general questions the base answered correctly that it still answers after training. "
-        "Every column per task, and the plots: [docs/sweep.md](docs/sweep.md).",
+        table(header, rows, align="llrrrrrrr"),
+        f"Mean ± std over seeds. Δ: the difference from `{reference}`, *beyond noise* when Welch's t-test finds it at "
+        "95%; the verdict after kept compares it the same way. kept: the share of the general questions the base "
+        "answered correctly that it still answers after training. Every column per task, and the plots: "
+        "[docs/sweep.md](docs/sweep.md).",
         "![nasa_qa](sweeps/targets/nasa_qa.png)",
     )
 
